@@ -1,0 +1,39 @@
+"""Finding and importing a ComfyUI host when running outside ComfyUI (CLI, tests, training)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_comfyui() -> str:
+    """The ComfyUI folder: $COMFYUI_PATH, else the folder two levels above the pack (when the pack
+    sits in ComfyUI/custom_nodes/), else the pinned host that `make setup` installs in .host/."""
+    candidates = [os.environ.get("COMFYUI_PATH", ""),
+                  os.path.dirname(os.path.dirname(PACK_ROOT)),
+                  os.path.join(PACK_ROOT, ".host", "ComfyUI")]
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "main.py")) and \
+                os.path.isdir(os.path.join(path, "comfy")):
+            return os.path.abspath(path)
+    raise RuntimeError("No ComfyUI found: set COMFYUI_PATH to your ComfyUI folder, or run "
+                       "`make setup` to install the pinned host into .host/ComfyUI.")
+
+
+def import_comfy(cpu: bool | None = None) -> str:
+    """Put ComfyUI on sys.path and prepare its CLI args before comfy.model_management is
+    imported (a CPU-only torch otherwise fails). `cpu=None` picks the CPU when CUDA is absent.
+    Returns the ComfyUI folder."""
+    root = find_comfyui()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "comfy.model_management" not in sys.modules:
+        import torch
+        from comfy.cli_args import args
+        if cpu is None:
+            cpu = not torch.cuda.is_available()
+        args.cpu = bool(cpu)
+        args.disable_api_nodes = True
+    return root

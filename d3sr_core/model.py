@@ -1,0 +1,117 @@
+"""Applying a D3SR weight file to ComfyUI's SD2.1-base model: validation, LoRA patching,
+and the `D3SRModel` bundle the upscaler nodes consume."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import comfy.lora
+import comfy.model_base
+import comfy.model_patcher
+import comfy.sd
+import torch
+
+from .weight_format import EMBEDDING_SHAPE, D3SRWeights, read_weights
+
+
+class BaseModelMismatchError(ValueError):
+    """The MODEL/VAE given to the loader are not what the weight file was made for."""
+
+
+@dataclass
+class D3SRModel:
+    """What flows between the D3SR nodes (type D3SR_MODEL).
+
+    model: a LoRA-patched clone of the user's ModelPatcher (the original stays untouched)
+    vae: the user's VAE (SD's 4-channel KL VAE)
+    text_embedding: [1, 77, 1024] float32, the fixed conditioning
+    timestep: T_L, the one timestep the UNet is evaluated at
+    """
+
+    model: comfy.model_patcher.ModelPatcher
+    vae: comfy.sd.VAE
+    text_embedding: torch.Tensor
+    timestep: int
+    name: str = ""
+    trained_scale: float = 4.0
+
+
+_FAMILY_BY_CONTEXT = {768: "an SD1.x model", 1024: "an SD2.x model", 2048: "an SDXL model"}
+_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetensors) with the stock "
+        "'Load Checkpoint' node and connect its MODEL and VAE.")
+
+
+def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE) -> None:
+    """Raise BaseModelMismatchError unless `model` is an epsilon SD2.x UNet and `vae` SD's KL VAE."""
+    base = model.model
+    unet_config = getattr(base.model_config, "unet_config", {}) if hasattr(base, "model_config") else {}
+    context = unet_config.get("context_dim")
+    if context != EMBEDDING_SHAPE[2]:
+        family = _FAMILY_BY_CONTEXT.get(context, f"a model with context width {context}")
+        raise BaseModelMismatchError(
+            f"D3SR needs SD2.1-base (context width 1024) but the connected MODEL is {family} "
+            f"({type(base.model_config).__name__}). {_FIX}")
+    if base.model_type != comfy.model_base.ModelType.EPS:
+        raise BaseModelMismatchError(
+            f"D3SR needs the epsilon-prediction SD2.1-base, but the connected MODEL predicts "
+            f"{base.model_type.name} (SD2.1-768 'v' models do not work). {_FIX}")
+    if getattr(vae, "latent_channels", None) != 4 or getattr(vae, "latent_dim", 2) != 2:
+        raise BaseModelMismatchError(
+            "D3SR needs SD's 4-channel image VAE, but the connected VAE has "
+            f"{getattr(vae, 'latent_channels', '?')} latent channels. Connect the VAE output of the "
+            "same SD2.1-base checkpoint.")
+
+
+def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) -> dict:
+    """Map the file's LoRA layers onto the model's weights with ComfyUI's own key map.
+
+    Every layer must map to a weight of a matching shape; otherwise BaseModelMismatchError
+    counts and names the layers that do not (a partial LoRA is never applied).
+    """
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    state = model.model.state_dict()
+    unmapped, misshaped = [], []
+    to_load = {}
+    for name, (a, b, _alpha) in weights.lora.items():
+        target = key_map.get(name)
+        if target is None or target not in state:
+            unmapped.append(name)
+            continue
+        expected = (b.shape[0], a.shape[1], *a.shape[2:])
+        if tuple(state[target].shape) != expected:
+            misshaped.append(f"{name} (file {list(expected)}, model {list(state[target].shape)})")
+            continue
+        to_load[name] = target
+    if unmapped or misshaped:
+        parts = []
+        if unmapped:
+            parts.append(f"{len(unmapped)} of {len(weights.lora)} LoRA layers name no layer of the "
+                         f"connected model (e.g. {', '.join(unmapped[:3])})")
+        if misshaped:
+            parts.append(f"{len(misshaped)} have the wrong shape (e.g. {'; '.join(misshaped[:2])})")
+        raise BaseModelMismatchError("The weight file does not fit the connected model: "
+                                     + "; ".join(parts) + f". {_FIX}")
+    patches = comfy.lora.load_lora(weights.lora_state_dict(), to_load, log_missing=False)
+    if len(patches) != len(to_load):
+        raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} LoRA layers; "
+                                     "the file may use an unsupported LoRA layout.")
+    return patches
+
+
+def load_d3sr(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE, path: str,
+              strength: float = 1.0) -> D3SRModel:
+    """Read `path`, check it against `model`/`vae`, and return a D3SRModel with a patched clone."""
+    weights = read_weights(path)
+    return d3sr_model_from_weights(model, vae, weights, strength, name=os.path.basename(path))
+
+
+def d3sr_model_from_weights(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE,
+                            weights: D3SRWeights, strength: float = 1.0, name: str = "") -> D3SRModel:
+    """As load_d3sr, from weights already in memory (the trainer's export path uses this too)."""
+    check_base_model(model, vae)
+    patches = lora_patches(model, weights)
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    return D3SRModel(model=patched, vae=vae, text_embedding=weights.text_embedding.float(),
+                     timestep=weights.timestep, name=name, trained_scale=weights.scale)

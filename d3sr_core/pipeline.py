@@ -1,0 +1,147 @@
+"""The one-step D3SR pipeline on ComfyUI's models.
+
+  x_L = bicubic(LR, output size), in [0, 1] (ComfyUI's VAE maps it to [-1, 1])
+  z_L = 0.18215 * E(x_L)                      (posterior mode)
+  z_H = (z_L - sqrt(1 - abar) * eps(z_L, T_L, c)) / sqrt(abar)
+  x_H = D(z_H / 0.18215)
+`predict_x0` is the single UNet step that the plain, tiled and training paths all call.
+Images are ComfyUI IMAGE tensors [B, H, W, C] in [0, 1] unless a docstring says BCHW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+import torch.nn.functional as F
+
+from .colour_fix import apply_colour_fix
+from .model import D3SRModel
+from .schedule import sigma_for_timestep
+
+MAX_FACTOR = 8.0
+
+
+class D3SROutOfMemoryError(RuntimeError):
+    """Raised when one upscale does not fit in device memory."""
+
+
+def output_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """The exact output size round(factor * size), at least 1 pixel."""
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def pixel_multiple(base_model: torch.nn.Module) -> int:
+    """Pixel sizes must be multiples of this: 8 for the VAE times the UNet's downsampling."""
+    mult = base_model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4))
+    return 8 * 2 ** (len(mult) - 1)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad BCHW `x` at the bottom/right to multiples of `multiple` (reflect; replicate when the
+    image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def check_image(image: torch.Tensor) -> None:
+    """Raise ValueError unless `image` is a ComfyUI IMAGE: [B, H, W, 3] float."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+        shape = list(image.shape)
+        hint = (" It has an alpha channel: drop it with a 'Split Image with Alpha' node first."
+                if image.ndim == 4 and image.shape[-1] == 4 else
+                " Convert it to RGB (e.g. grey images: 'Image to RGB' style nodes) first.")
+        raise ValueError(f"D3SR expects an RGB IMAGE batch [B, H, W, 3], got shape {shape}.{hint}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"D3SR got an empty image batch of shape {list(image.shape)}.")
+
+
+def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """BCHW [0, 1] -> BCHW [0, 1] at `size` (bicubic, align_corners=False, clamped)."""
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def predict_x0(base_model: torch.nn.Module, z: torch.Tensor, timestep: int,
+               context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+    """One UNet evaluation on the clean scaled latent `z` [B, 4, h, w] at `timestep`:
+    returns (z - sqrt(1 - abar) * eps) / sqrt(abar) as float32 on z's device.
+
+    Goes through ComfyUI's `apply_model` (dtype casts, patches), which scales its input by
+    1 / sqrt(sigma^2 + 1) and returns x - sigma * eps; feeding x = z * sqrt(sigma^2 + 1)
+    makes that exactly the formula above. Autograd flows (the trainer uses this too).
+    """
+    sigma_value = sigma_for_timestep(timestep)
+    sigma = torch.full((z.shape[0],), sigma_value, device=z.device, dtype=torch.float32)
+    x = z.float() * (sigma_value ** 2 + 1.0) ** 0.5
+    ctx = context.to(z.device)
+    if ctx.shape[0] != z.shape[0]:
+        ctx = ctx.expand(z.shape[0], *ctx.shape[1:])
+    return base_model.apply_model(x, sigma, c_crossattn=ctx,
+                                  transformer_options=transformer_options or {}).float()
+
+
+def encode_latent(d3sr: D3SRModel, pixels: torch.Tensor) -> torch.Tensor:
+    """BCHW [0, 1] with sizes a multiple of 8 -> scaled latent [B, 4, H/8, W/8] (posterior mode)."""
+    z = d3sr.vae.encode(pixels.movedim(1, -1))
+    return d3sr.model.model.process_latent_in(z)
+
+
+def decode_latent(d3sr: D3SRModel, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latent [B, 4, h, w] -> BCHW [0, 1] at 8x the size."""
+    return d3sr.vae.decode(d3sr.model.model.process_latent_out(z)).movedim(-1, 1)
+
+
+def denoise_latent(d3sr: D3SRModel, z: torch.Tensor) -> torch.Tensor:
+    """Load the patched UNet on its device (ComfyUI's memory management) and run predict_x0."""
+    patcher = d3sr.model
+    memory = patcher.model.memory_required(list(z.shape))
+    mm.load_models_gpu([patcher], memory_required=memory)
+    device = patcher.load_device
+    opts = patcher.model_options.get("transformer_options", {})
+    with torch.no_grad():
+        out = predict_x0(patcher.model, z.to(device), d3sr.timestep, d3sr.text_embedding, opts)
+    return out.to(mm.intermediate_device())
+
+
+def upscale_one(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str,
+                denoise: Callable[[D3SRModel, torch.Tensor], torch.Tensor] = denoise_latent
+                ) -> torch.Tensor:
+    """One BCHW [0, 1] image batch -> BCHW [0, 1] of exactly output_size(h, w, factor)."""
+    out_h, out_w = output_size(lr.shape[-2], lr.shape[-1], factor)
+    upsampled = bicubic_upsample(lr.float(), (out_h, out_w))
+    padded = pad_to_multiple(upsampled, pixel_multiple(d3sr.model.model))
+    z_h = denoise(d3sr, encode_latent(d3sr, padded))
+    mm.throw_exception_if_processing_interrupted()
+    sr = decode_latent(d3sr, z_h)[..., :out_h, :out_w].float().cpu()
+    return apply_colour_fix(sr, upsampled.cpu(), colour_fix).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fix: str = "adain"
+            ) -> torch.Tensor:
+    """ComfyUI IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3], one image at a time
+    with a progress bar; ComfyUI's interrupt is honoured between images."""
+    check_image(image)
+    if not 1.0 <= factor <= MAX_FACTOR:
+        raise ValueError(f"upscale factor {factor} is outside 1..{MAX_FACTOR:g}")
+    pbar = comfy.utils.ProgressBar(image.shape[0])
+    outputs = []
+    for i in range(image.shape[0]):
+        mm.throw_exception_if_processing_interrupted()
+        lr = image[i: i + 1].movedim(-1, 1)
+        try:
+            outputs.append(upscale_one(d3sr, lr, factor, colour_fix))
+        except mm.OOM_EXCEPTION:
+            h, w = output_size(lr.shape[-2], lr.shape[-1], factor)
+            raise D3SROutOfMemoryError(
+                f"Out of memory upscaling a {lr.shape[-1]}x{lr.shape[-2]} image to {w}x{h} on "
+                f"{mm.get_torch_device()}. Use the 'D3SR Tiled Upscale' node, a smaller factor, "
+                "or free memory (close other models).") from None
+        pbar.update(1)
+    return torch.cat(outputs).movedim(1, -1)

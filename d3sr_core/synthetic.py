@@ -1,0 +1,120 @@
+"""Small models with seeded random weights, built from ComfyUI's own classes, for the tests,
+the demo and benchmarks. They have the real architectures' layer names, so ComfyUI's loaders
+detect them (SD2.x: model_channels 320, context 1024, linear transformer proj) and D3SR
+files made for them load exactly like real ones. Their outputs are not meaningful images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .lora_layers import lora_shapes, lora_target_names
+from .weight_format import EMBEDDING_SHAPE, D3SRWeights, atomic_save_safetensors, write_weights
+
+# SD2.1-base's real UNet (865.9 M parameters).
+SD21_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+    use_spatial_transformer=True, legacy=False, context_dim=1024, num_head_channels=64,
+    use_linear_in_transformer=True, adm_in_channels=None, use_temporal_attention=False,
+    use_temporal_resblock=False)
+
+# A two-level SD2-shaped UNet (37 M parameters) that ComfyUI still detects as SD2.x.
+TINY_SD2_UNET_CONFIG = dict(
+    SD21_UNET_CONFIG, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 0],
+    transformer_depth_output=[1, 1, 0, 0])
+
+# Same size, SD1.x-shaped (context 768, conv proj): ComfyUI detects it as SD1.5.
+TINY_SD1_UNET_CONFIG = dict(TINY_SD2_UNET_CONFIG, context_dim=768, use_linear_in_transformer=False,
+                            num_head_channels=-1, num_heads=8)
+
+# Three levels: its LoRA layer names only partly exist in the two-level model.
+TINY_SD2_3LEVEL_UNET_CONFIG = dict(
+    TINY_SD2_UNET_CONFIG, num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1],
+    transformer_depth=[1, 0, 0], transformer_depth_output=[1, 1, 0, 0, 0, 0])
+
+# SDXL-shaped (context 2048, pooled+size conditioning 2816) with SDXL's layer naming. ComfyUI's
+# checkpoint detection only knows the real SDXL depths, so build it with supported_models.SDXL.
+TINY_SDXL_UNET_CONFIG = dict(
+    TINY_SD2_UNET_CONFIG, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
+    channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
+
+# ComfyUI's fixed config for SD's KL VAE (83.7 M parameters).
+KL_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                   "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                   "attn_resolutions": [], "dropout": 0.0}
+
+
+def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter deterministically: weights ~ N(0, 1/fan_in), norms ~ 1, biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.02 * noise)
+    return module
+
+
+def build_unet(config: dict, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> torch.nn.Module:
+    """A ComfyUI UNetModel with `config` and seeded weights."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+    return seeded_init_(unet, seed).to(device=device, dtype=dtype)
+
+
+def build_kl_vae(seed: int = 1) -> torch.nn.Module:
+    """ComfyUI's AutoencoderKL with SD's config and seeded weights."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    return seeded_init_(AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4), seed)
+
+
+def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: int = 0) -> str:
+    """Write an SD-style checkpoint (model.diffusion_model.* + first_stage_model.*, no text
+    encoder) that ComfyUI's CheckpointLoaderSimple loads. Returns `path`."""
+    unet, vae = build_unet(unet_config, seed), build_kl_vae(seed + 1)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
+    return path
+
+
+def random_d3sr_weights(unet: torch.nn.Module, timestep: int = 399, rank: int = 4,
+                        alpha: float = 4.0, seed: int = 0, lora_std: float = 0.05) -> D3SRWeights:
+    """D3SR weights with random (non-zero) LoRA on every target layer of `unet` and a random
+    embedding; lora_std sets the size of the A and B entries."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    lora = {}
+    for name in lora_target_names(unet):
+        a_shape, b_shape = lora_shapes(modules[name], rank)
+        a = torch.randn(a_shape, generator=gen) * lora_std
+        b = torch.randn(b_shape, generator=gen) * lora_std
+        lora["diffusion_model." + name] = (a, b, alpha)
+    emb = torch.randn(EMBEDDING_SHAPE, generator=gen)
+    return D3SRWeights(lora=lora, text_embedding=emb, timestep=timestep, lora_rank=rank,
+                       lora_alpha=alpha, training={"synthetic": True, "seed": seed})
+
+
+def write_demo_files(models_dir: str, seed: int = 0, timestep: int = 399) -> tuple[str, str]:
+    """Write a tiny random SD2 checkpoint and a matching D3SR file into a ComfyUI models folder
+    (checkpoints/ and d3sr/). Returns their file names."""
+    ckpt_name, d3sr_name = "d3sr-demo-tiny-sd2.safetensors", "d3sr-demo-random.safetensors"
+    ckpt = os.path.join(models_dir, "checkpoints", ckpt_name)
+    if not os.path.exists(ckpt):
+        write_checkpoint(ckpt, seed=seed)
+    weights_path = os.path.join(models_dir, "d3sr", d3sr_name)
+    if not os.path.exists(weights_path):
+        unet = build_unet(TINY_SD2_UNET_CONFIG, seed)
+        write_weights(weights_path, random_d3sr_weights(unet, timestep=timestep, seed=seed))
+    return ckpt_name, d3sr_name

