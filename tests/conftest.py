@@ -20,6 +20,7 @@ from d3sr_core import host  # noqa: E402
 
 host.import_comfy(cpu=True)
 
+sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
 
 
