@@ -26,7 +26,8 @@ from comfy_server import ComfyServer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """A ComfyUI models folder with a tiny SD2 checkpoint, an SD1.x-shaped one, and D3SR files at two timesteps (T_L 399 and 250) plus one with non-matching layers."""
+    """A ComfyUI models folder: a tiny SD2 checkpoint, an SD1.x-shaped one, D3SR files at two
+    timesteps (T_L 399 and 250), and one whose layers do not match the tiny SD2 model."""
     from d3sr_core import synthetic
     from d3sr_core.weight_format import write_weights
 

@@ -81,6 +81,7 @@ def test_stock_lora_loader_patches_the_same_weights(tiny_sd2, models_dir):
     """ComfyUI's LoraLoaderModelOnly on the same file gives the same patched weights."""
     import comfy.lora
     import folder_paths
+
     import nodes
     model, vae = tiny_sd2
     folder_paths.add_model_folder_path("loras", str(models_dir / "loras"))

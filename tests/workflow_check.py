@@ -45,7 +45,7 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
         if len(values) < len(widgets):
             problems.append(f"node {n['id']} {n['type']}: {len(values)} widget values for "
                             f"{len(widgets)} widgets")
-        for (name, spec), value in zip(widgets, values):
+        for (name, spec), value in zip(widgets, values[: len(widgets)], strict=True):
             opts = _combo_options(spec)
             if opts is not None and value not in opts and name not in FILE_WIDGETS:
                 problems.append(f"node {n['id']} {n['type']}: {name}={value!r} not in {opts}")

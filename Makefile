@@ -1,0 +1,22 @@
+# The two commands the README promises: `make demo` and `make test`. Both set up first.
+SHELL := /bin/bash
+ENV := set -a && . .host/env && set +a
+
+.PHONY: setup demo test lint workflows bench
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(ENV) && $$PYTHON scripts/demo.py
+
+test: setup
+	@$(ENV) && $$PYTHON -m ruff check . && $$PYTHON -m pytest
+
+lint: setup
+	@$(ENV) && $$PYTHON -m ruff check .
+
+workflows: setup
+	@$(ENV) && $$PYTHON scripts/make_workflows.py
+
+bench: setup
+	@$(ENV) && for b in benchmarks/bench_*.py; do echo "== $$b"; $$PYTHON $$b || exit 1; done
