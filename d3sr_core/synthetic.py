@@ -118,3 +118,25 @@ def write_demo_files(models_dir: str, seed: int = 0, timestep: int = 399) -> tup
         unet = build_unet(TINY_SD2_UNET_CONFIG, seed)
         write_weights(weights_path, random_d3sr_weights(unet, timestep=timestep, seed=seed))
     return ckpt_name, d3sr_name
+
+
+# SDXL 1.0-base's real UNet (2.57 B parameters); the D3SR discriminator uses its input and
+# middle blocks only. For the GPU benchmark (random weights).
+SDXL_UNET_CONFIG = dict(
+    SD21_UNET_CONFIG, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10, context_dim=2048, adm_in_channels=2816, num_classes="sequential")
+
+# A very small SDXL-shaped UNet (context 2048, adm 2816, SDXL layer naming) for fast CPU tests of
+# the discriminator: model_channels 64 instead of 320, so ComfyUI's checkpoint detection does not
+# know it, but the trainer's own SDXL check (context_dim, adm_in_channels) accepts it.
+MINI_SDXL_UNET_CONFIG = dict(
+    TINY_SDXL_UNET_CONFIG, model_channels=64, num_head_channels=32)
+
+
+def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0) -> str:
+    """Write an SDXL-style checkpoint (model.diffusion_model.* + first_stage_model.*, no text
+    encoders) with an SDXL-shaped UNet. Returns `path`."""
+    if unet_config.get("context_dim") != 2048 or unet_config.get("adm_in_channels") != 2816:
+        raise ValueError("an SDXL-shaped UNet config needs context_dim 2048 and adm_in_channels 2816")
+    return write_checkpoint(path, unet_config, seed)

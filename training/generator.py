@@ -1,0 +1,148 @@
+"""The trainable D3SR generator: SD2.1-base (loaded with ComfyUI) + LoRA + a trainable embedding.
+
+The UNet step is `d3sr_core.pipeline.predict_x0`, the same function the nodes run, so what
+trains is what `D3SRUpscale` computes after export:
+    z_L = 0.18215 * E(2 x_L - 1)          (posterior mode; frozen encoder, no gradient)
+    z_H = predict_x0(unet + LoRA, z_L, T_L, embedding)
+    x_H = (D(z_H / 0.18215) + 1) / 2      (frozen decoder; gradients flow through it)
+Images are BCHW in [0, 1]; latents [B, 4, H/8, W/8].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from d3sr_core import pipeline
+from d3sr_core.lora_layers import lora_target_names
+from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights
+
+from .lora import LoRASet, freeze
+from .model_files import check_generator_file
+
+log = logging.getLogger("d3sr.train")
+
+
+def load_generator_models(path: str, dtype: torch.dtype = torch.float32):
+    """(ModelPatcher, CLIP or None, VAE) of an SD2.1-base checkpoint via ComfyUI's loader.
+    Raises ModelFileError for a missing file or another model family."""
+    check_generator_file(path)
+    import comfy.sd
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, model_options={"dtype": dtype})
+    return model, clip, vae
+
+
+def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
+    """The initial fixed embedding [1, 77, 1024]: `cache_file` (safetensors with tensor
+    'text_embedding') if given, else SD2.1's text encoder on "", else zeros with a warning
+    (checkpoints without a text encoder, e.g. the generated test models)."""
+    if cache_file:
+        from safetensors.torch import load_file
+        emb = load_file(cache_file)["text_embedding"].float()
+        if tuple(emb.shape) != EMBEDDING_SHAPE:
+            raise ValueError(f"embedding file '{cache_file}' holds shape {list(emb.shape)}, "
+                             f"expected {list(EMBEDDING_SHAPE)}")
+        return emb
+    if clip is None:
+        log.warning("the generator checkpoint has no text encoder: the fixed embedding starts "
+                    "at zeros (set models.embedding_file to start from SD2.1's empty prompt)")
+        return torch.zeros(EMBEDDING_SHAPE)
+    tokens = clip.tokenize("")
+    cond = clip.encode_from_tokens(tokens).float().cpu()
+    if tuple(cond.shape) != EMBEDDING_SHAPE:
+        raise ValueError(f"the generator's text encoder gives {list(cond.shape)}, expected "
+                         f"{list(EMBEDDING_SHAPE)}: is this SD2.1-base?")
+    return cond
+
+
+def _checkpointed(module: nn.Module) -> None:
+    """Recompute `module`'s activations in backward (non-reentrant checkpointing)."""
+    forward = module.forward
+
+    def wrapped(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    module.forward = wrapped
+
+
+class Generator(nn.Module):
+    """Parameters: LoRA A/B on the SD2.1 UNet's target layers and `embedding` [1, 77, 1024].
+    The frozen ComfyUI BaseModel and VAE are held outside the module tree."""
+
+    def __init__(self, patcher, vae, embedding: torch.Tensor, timestep: int, rank: int = 16,
+                 alpha: float = 16.0, seed: int = 0, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        if not 1 <= int(timestep) <= 999:
+            raise ValueError(f"T_L must be in 1..999, got {timestep}")
+        self._frozen = {"base": freeze(patcher.model), "vae": freeze(vae.first_stage_model),
+                        "patcher": patcher, "vae_wrapper": vae}
+        unet = patcher.model.diffusion_model
+        self.lora = LoRASet(unet, lora_target_names(unet), rank, alpha, seed)
+        self.embedding = nn.Parameter(embedding.detach().float().clone().reshape(EMBEDDING_SHAPE))
+        self.timestep = int(timestep)
+        self.multiple = pipeline.pixel_multiple(patcher.model)
+        if gradient_checkpointing:
+            for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+                _checkpointed(block)
+
+    @property
+    def base(self):
+        """ComfyUI's BaseModel (frozen)."""
+        return self._frozen["base"]
+
+    @property
+    def autoencoder(self) -> nn.Module:
+        """ComfyUI's AutoencoderKL (frozen)."""
+        return self._frozen["vae"]
+
+    def move_frozen(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        """Put the frozen UNet and VAE on `device` (the trainer manages placement, not ComfyUI)."""
+        self.base.to(device=device)
+        if dtype is not None:
+            self.base.diffusion_model.to(dtype=dtype)
+        self.autoencoder.to(device=device, dtype=dtype or torch.float32)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """BCHW [0, 1], sizes a multiple of 8 -> scaled latent [B, 4, H/8, W/8] (posterior mode)."""
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        z = ae.encode((2.0 * pixels - 1.0).to(dtype)).float()
+        return self.base.process_latent_in(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> BCHW image, (D(z / 0.18215) + 1) / 2, NOT clamped (gradients flow)."""
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        x = ae.decode(self.base.process_latent_out(z).to(dtype)).float()
+        return (x + 1.0) / 2.0
+
+    def forward(self, z_l: torch.Tensor) -> torch.Tensor:
+        """z_L [B, 4, h, w] -> z_H [B, 4, h, w] through pipeline.predict_x0 (the nodes' step)."""
+        return pipeline.predict_x0(self.base, z_l, self.timestep, self.embedding)
+
+    @torch.no_grad()
+    def super_resolve(self, lr: torch.Tensor, factor: float) -> torch.Tensor:
+        """LR BCHW [0, 1] -> SR BCHW [0, 1] as the node computes it without colour fix
+        (bicubic upsample, pad to the UNet's multiple, encode, one step, decode, crop, clamp)."""
+        out_h, out_w = pipeline.output_size(lr.shape[-2], lr.shape[-1], factor)
+        up = pipeline.bicubic_upsample(lr.float(), (out_h, out_w))
+        padded = pipeline.pad_to_multiple(up, self.multiple)
+        sr = self.decode(self(self.encode(padded)))
+        return sr[..., :out_h, :out_w].clamp(0.0, 1.0)
+
+    def export_weights(self, scale: float, training: dict | None = None,
+                       lora_override: dict | None = None,
+                       embedding_override: torch.Tensor | None = None) -> D3SRWeights:
+        """The D3SR weight file contents (d3sr_core.weight_format) for the current parameters
+        (or EMA copies passed as overrides)."""
+        lora = lora_override if lora_override is not None else self.lora.export()
+        emb = embedding_override if embedding_override is not None else self.embedding
+        return D3SRWeights(lora=lora, text_embedding=emb.detach().float().cpu().clone(),
+                           timestep=self.timestep, scale=float(scale), lora_rank=self.lora.rank,
+                           lora_alpha=self.lora.alpha, training=training)
