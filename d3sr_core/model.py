@@ -3,6 +3,7 @@ and the `D3SRModel` bundle the upscaler nodes consume."""
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
-from .weight_format import EMBEDDING_SHAPE, D3SRWeights, read_weights
+from .weight_format import EMBEDDING_SHAPE, D3SRWeights, WeightFileError, read_weights
 
 
 class BaseModelMismatchError(ValueError):
@@ -24,7 +25,8 @@ class D3SRModel:
     """What flows between the D3SR nodes (type D3SR_MODEL).
 
     model: a LoRA-patched clone of the user's ModelPatcher (the original stays untouched)
-    vae: the user's VAE (SD's 4-channel KL VAE)
+    vae: the user's VAE (SD's 4-channel KL VAE), or a patched clone of it when the weights
+        adapt the VAE (OSEDiff's encoder LoRA); the user's VAE stays untouched either way
     text_embedding: [1, 77, 1024] float32, the fixed conditioning
     timestep: T_L, the one timestep the UNet is evaluated at
     """
@@ -99,6 +101,61 @@ def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) 
     return patches
 
 
+def full_weight_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) -> dict:
+    """Full replacement weights (extension full_weights) as "diff" patches against the connected
+    model's unpatched weights, so the strength scales them like the LoRA (1.0 = replacement)."""
+    state = model.model.state_dict()
+    patches, problems = {}, []
+    for key, new in weights.full_weights.items():
+        if key not in state:
+            problems.append(f"{key} (no such weight)")
+        elif tuple(state[key].shape) != tuple(new.shape):
+            problems.append(f"{key} (file {list(new.shape)}, model {list(state[key].shape)})")
+        else:
+            backup = getattr(model, "backup", {}).get(key)   # the unpatched weight, if patched now
+            base = backup.weight if backup is not None else state[key]
+            patches[key] = ("diff", (new.float() - base.float().cpu(),))
+    if problems:
+        raise BaseModelMismatchError(f"{len(problems)} of {len(weights.full_weights)} full weights do "
+                                     f"not fit the connected model (e.g. {'; '.join(problems[:2])}). {_FIX}")
+    return patches
+
+
+def vae_lora_patches(vae: comfy.sd.VAE, weights: D3SRWeights) -> dict:
+    """Map the file's VAE LoRA (`vae.<first_stage_model path>`) onto the VAE's weights.
+    Every layer must exist with a matching shape, else BaseModelMismatchError."""
+    state = vae.patcher.model.state_dict()
+    to_load, problems = {}, []
+    for name, (a, b, _alpha) in weights.vae_lora.items():
+        target = name[len("vae."):] + ".weight"
+        expected = (b.shape[0], a.shape[1], *a.shape[2:])
+        if target not in state:
+            problems.append(f"{name} (no such layer)")
+        elif state[target].numel() != torch.Size(expected).numel() or \
+                state[target].shape[:2] != torch.Size(expected[:2]):
+            problems.append(f"{name} (file {list(expected)}, VAE {list(state[target].shape)})")
+        else:
+            to_load[name] = target
+    if problems:
+        raise BaseModelMismatchError(f"{len(problems)} of {len(weights.vae_lora)} VAE LoRA layers do "
+                                     f"not fit the connected VAE (e.g. {'; '.join(problems[:2])}). {_FIX}")
+    patches = comfy.lora.load_lora(weights.vae_lora_state_dict(), to_load, log_missing=False)
+    if len(patches) != len(to_load):
+        raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} VAE LoRA "
+                                     "layers; the file may use an unsupported LoRA layout.")
+    return patches
+
+
+def patched_vae_clone(vae: comfy.sd.VAE, patches: dict, strength: float = 1.0) -> comfy.sd.VAE:
+    """A VAE sharing `vae`'s modules but with its own patcher clone carrying `patches`: ComfyUI
+    swaps the patches in and out when either is loaded, so the user's VAE stays untouched."""
+    clone = vae.clone() if hasattr(vae, "clone") else copy.copy(vae)
+    if clone.patcher is vae.patcher:
+        clone.patcher = vae.patcher.clone()
+    clone.patcher.add_patches(patches, strength)
+    return clone
+
+
 def load_d3sr(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE, path: str,
               strength: float = 1.0) -> D3SRModel:
     """Read `path`, check it against `model`/`vae`, and return a D3SRModel with a patched clone."""
@@ -110,8 +167,19 @@ def d3sr_model_from_weights(model: comfy.model_patcher.ModelPatcher, vae: comfy.
                             weights: D3SRWeights, strength: float = 1.0, name: str = "") -> D3SRModel:
     """As load_d3sr, from weights already in memory (the trainer's export path uses this too)."""
     check_base_model(model, vae)
+    if weights.text_embedding_kind == "none":
+        raise WeightFileError(
+            f"D3SR weight file '{name}' holds no prompt embedding (converted from OSEDiff without a "
+            "text encoder). Load it with the 'Load OSEDiff Model' node and connect the CLIP output "
+            "of SD2.1-base, or convert it again with --checkpoint.")
     patches = lora_patches(model, weights)
+    full = full_weight_patches(model, weights) if weights.full_weights else {}
+    vae_patches = vae_lora_patches(vae, weights) if weights.vae_lora else {}
     patched = model.clone()
+    if full:
+        patched.add_patches(full, strength)
     patched.add_patches(patches, strength)
+    if vae_patches:
+        vae = patched_vae_clone(vae, vae_patches, strength)
     return D3SRModel(model=patched, vae=vae, text_embedding=weights.text_embedding.float(),
                      timestep=weights.timestep, name=name, trained_scale=weights.scale)

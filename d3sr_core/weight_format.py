@@ -11,6 +11,23 @@ Layout (format_version 1):
       diffusion_model.<ldm path>.alpha         0-dim
 The LoRA names are ones ComfyUI's own LoRA key map accepts for an SD2.x UNet, so the same
 file also works in the stock `LoraLoaderModelOnly` node (which ignores the embedding).
+
+Optional extensions (still format_version 1; added for OSEDiff, see docs/osediff.md). A file
+that uses one lists it in metadata `extensions` (comma-separated); a reader rejects names it
+does not know, and without the flag the extra tensors are rejected as unexpected, so an
+older reader fails clearly instead of silently dropping part of the model:
+  vae_lora: LoRA on SD's KL VAE (OSEDiff adapts the VAE encoder), applied to a clone of the
+      VAE's patcher. Metadata vae_lora_rank, vae_lora_alpha. Tensors, named by the parameter
+      paths of ComfyUI's `first_stage_model` (ldm names):
+      vae.<ldm path>.lora_A.weight [r, in] or [r, in, kh, kw]   e.g. vae.encoder.down.0.block.0.conv1
+      vae.<ldm path>.lora_B.weight [out, r] or [out, r, 1, 1]   vae.encoder.mid.attn_1.q, vae.quant_conv
+      vae.<ldm path>.alpha         0-dim
+  full_weights: UNet parameters replaced outright (OSEDiff trains conv_in fully):
+      full.diffusion_model.<ldm parameter path>  e.g. full.diffusion_model.input_blocks.0.0.weight
+      Applied as a difference to the connected model's weight, scaled by the LoRA strength.
+  Metadata text_embedding (absent = "fixed"): "fixed" (trained with the LoRA), "prompt" (a CLIP
+      encoding of metadata `prompt`), or "none" (zeros placeholder: the loader must compute a
+      prompt embedding with CLIP; files converted from OSEDiff without a text encoder).
 """
 
 from __future__ import annotations
@@ -33,6 +50,12 @@ PREDICTION = "epsilon"
 EMBEDDING_KEY = "d3sr.text_embedding"
 EMBEDDING_SHAPE = (1, 77, 1024)
 LORA_PREFIX = "diffusion_model."
+VAE_LORA_PREFIX = "vae."
+FULL_WEIGHT_PREFIX = "full."
+EXT_VAE_LORA = "vae_lora"
+EXT_FULL_WEIGHTS = "full_weights"
+KNOWN_EXTENSIONS = (EXT_FULL_WEIGHTS, EXT_VAE_LORA)
+EMBEDDING_KINDS = ("fixed", "prompt", "none")
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
 
 
@@ -47,6 +70,9 @@ class D3SRWeights:
     lora: {"diffusion_model.<path>": (A [r, in, ...], B [out, r, ...], alpha)}
     text_embedding: [1, 77, 1024] float
     timestep: T_L in 1..999
+    vae_lora: {"vae.<first_stage_model path>": (A, B, alpha)} (extension vae_lora)
+    full_weights: {"diffusion_model.<parameter>": full tensor} (extension full_weights)
+    text_embedding_kind: "fixed", "prompt" (CLIP encoding of `prompt`) or "none" (placeholder)
     """
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -59,6 +85,13 @@ class D3SRWeights:
     prediction: str = PREDICTION
     training: dict[str, Any] | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # Extensions (see the module docstring); empty / "fixed" for plain D3SR files.
+    vae_lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    vae_lora_rank: int = 0
+    vae_lora_alpha: float = 0.0
+    full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_embedding_kind: str = "fixed"
+    prompt: str = ""
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA as flat tensors named `<path>.lora_A.weight` / `.lora_B.weight` / `.alpha`."""
@@ -68,6 +101,11 @@ class D3SRWeights:
             out[name + ".lora_B.weight"] = b
             out[name + ".alpha"] = torch.tensor(float(alpha))
         return out
+
+    def vae_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The VAE LoRA as flat tensors named `vae.<path>.lora_A.weight` / `.lora_B.weight` / `.alpha`."""
+        return D3SRWeights(lora=self.vae_lora, text_embedding=self.text_embedding,
+                           timestep=self.timestep).lora_state_dict()
 
 
 def _fail(path: str, problem: str, fix: str) -> WeightFileError:
@@ -101,6 +139,10 @@ def read_weights(path: str) -> D3SRWeights:
     """Read and validate a D3SR weight file; raise WeightFileError naming the problem."""
     if not os.path.isfile(path):
         raise _fail(path, "file not found", "Put the file in ComfyUI/models/d3sr/ and refresh.")
+    if path.lower().endswith((".pkl", ".pt", ".pth", ".ckpt")):
+        raise _fail(path, "is a pickle file, not a D3SR .safetensors file",
+                    "OSEDiff's osediff.pkl loads in the 'Load OSEDiff Model' node, or convert it "
+                    "with: python -m d3sr_core.osediff convert osediff.pkl osediff.safetensors")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
@@ -147,26 +189,56 @@ def read_weights(path: str) -> D3SRWeights:
                     "(SD2.1's 77 tokens x 1024 channels)",
                     "The file was made for another base model; use one made for SD2.1-base.")
 
+    extensions = [e for e in meta.get("extensions", "").split(",") if e]
+    unknown = [e for e in extensions if e not in KNOWN_EXTENSIONS]
+    if unknown:
+        raise _fail(path, f"uses format extension(s) {', '.join(unknown)} this pack does not know",
+                    "Update the D3SR node pack.")
+    kind = meta.get("text_embedding", "fixed")
+    if kind not in EMBEDDING_KINDS:
+        raise _fail(path, f"metadata 'text_embedding' is {kind!r}, expected one of "
+                    f"{', '.join(EMBEDDING_KINDS)}", "Re-export the file.")
+    full = {}
+    if EXT_FULL_WEIGHTS in extensions:
+        full = {k[len(FULL_WEIGHT_PREFIX):]: tensors.pop(k) for k in list(tensors)
+                if k.startswith(FULL_WEIGHT_PREFIX)}
+        bad_full = [k for k in full if not k.startswith(LORA_PREFIX)]
+        if not full or bad_full:
+            raise _fail(path, "extension 'full_weights' needs tensors named "
+                        f"'{FULL_WEIGHT_PREFIX}{LORA_PREFIX}<parameter>' "
+                        f"({'none found' if not full else 'got ' + FULL_WEIGHT_PREFIX + bad_full[0]})",
+                        "Re-export the file.")
+    vae_lora, vae_rank, vae_alpha = {}, 0, 0.0
+    if EXT_VAE_LORA in extensions:
+        vae_rank = _int_field(path, meta, "vae_lora_rank", 1, 4096)
+        vae_alpha = _float_field(path, meta, "vae_lora_alpha")
+        vae_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith(VAE_LORA_PREFIX)}
+        vae_lora = _collect_lora(path, vae_tensors, vae_rank, VAE_LORA_PREFIX)
+
     lora = _collect_lora(path, tensors, rank)
     return D3SRWeights(lora=lora, text_embedding=emb.float(), timestep=timestep, scale=scale,
                        lora_rank=rank, lora_alpha=alpha_meta, base_model=meta["base_model"],
                        prediction=meta["prediction"], training=training,
-                       extra_metadata={k: v for k, v in meta.items() if k not in _KNOWN_META})
+                       extra_metadata={k: v for k, v in meta.items() if k not in _KNOWN_META},
+                       vae_lora=vae_lora, vae_lora_rank=vae_rank, vae_lora_alpha=vae_alpha,
+                       full_weights=full, text_embedding_kind=kind, prompt=meta.get("prompt", ""))
 
 
 _KNOWN_META = {"format", "format_version", "timestep", "base_model", "prediction", "scale",
-               "lora_rank", "lora_alpha", "training"}
+               "lora_rank", "lora_alpha", "training", "extensions", "vae_lora_rank",
+               "vae_lora_alpha", "text_embedding", "prompt"}
 
 
-def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int
+def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int, prefix: str = LORA_PREFIX
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(LORA_PREFIX):
+        if suffix is None or not key.startswith(prefix):
             raise _fail(path, f"unexpected tensor '{key}'",
-                        "Only LoRA tensors named diffusion_model.<layer>.lora_A/.lora_B/.alpha and "
-                        f"'{EMBEDDING_KEY}' belong in a version-1 file.")
+                        f"Only LoRA tensors named {prefix}<layer>.lora_A/.lora_B/.alpha, "
+                        f"'{EMBEDDING_KEY}' and the extensions the metadata declares belong in a "
+                        "version-1 file.")
         groups.setdefault(key[: -len(suffix)], {})[suffix] = t
     if not groups:
         raise _fail(path, "holds no LoRA tensors", "Re-export the file with the D3SR trainer.")
@@ -201,6 +273,23 @@ def write_weights(path: str, weights: D3SRWeights) -> None:
         meta["training"] = json.dumps(weights.training, sort_keys=True)
     tensors = {EMBEDDING_KEY: weights.text_embedding.detach().float().cpu().contiguous()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in weights.lora_state_dict().items()})
+    extensions = []
+    if weights.full_weights:
+        extensions.append(EXT_FULL_WEIGHTS)
+        tensors.update({FULL_WEIGHT_PREFIX + k: v.detach().cpu().contiguous()
+                        for k, v in weights.full_weights.items()})
+    if weights.vae_lora:
+        extensions.append(EXT_VAE_LORA)
+        meta["vae_lora_rank"] = str(int(weights.vae_lora_rank))
+        meta["vae_lora_alpha"] = f"{weights.vae_lora_alpha:g}"
+        tensors.update({k: v.detach().cpu().contiguous()
+                        for k, v in weights.vae_lora_state_dict().items()})
+    if extensions:
+        meta["extensions"] = ",".join(sorted(extensions))
+    if weights.text_embedding_kind != "fixed":
+        meta["text_embedding"] = weights.text_embedding_kind
+    if weights.prompt:
+        meta["prompt"] = weights.prompt
     atomic_save_safetensors(path, tensors, meta)
 
 

@@ -3,9 +3,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import D3SRModelLoader
+from .osediff_loader import D3SROSEDiffLoader
 from .upscale import D3SRUpscale
 
 
 class D3SRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [D3SRModelLoader, D3SRUpscale]
+        return [D3SRModelLoader, D3SROSEDiffLoader, D3SRUpscale]

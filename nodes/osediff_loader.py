@@ -1,0 +1,49 @@
+"""D3SROSEDiffLoader: MODEL + VAE + OSEDiff weights (+ optional CLIP and prompt) -> D3SR_MODEL."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..d3sr_core.osediff import load_osediff
+from .types import CATEGORY, D3SRModelType
+
+
+class D3SROSEDiffLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="D3SROSEDiffLoader",
+            display_name="Load OSEDiff Model",
+            category=CATEGORY,
+            description="Applies OSEDiff's released one-step SR weights (osediff.pkl from "
+                        "github.com/cswry/OSEDiff, or a file converted from it) to Stable Diffusion "
+                        "2.1-base: UNet LoRA and conv_in, VAE-encoder LoRA (on a copy of the VAE), "
+                        "timestep 999, conditioning from CLIP and a prompt. Feeds the D3SR Upscale "
+                        "nodes.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL of Stable Diffusion 2.1-base (512, epsilon) "
+                               "from the stock Load Checkpoint node."),
+                io.Vae.Input("vae", tooltip="VAE of the same checkpoint. It is not changed: the "
+                             "OSEDiff encoder LoRA goes on a copy."),
+                io.Combo.Input("weights", options=folder_paths.get_filename_list("d3sr"),
+                               tooltip="osediff.pkl (or its converted .safetensors) from "
+                                       "ComfyUI/models/d3sr/."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scales the UNet/VAE LoRA and the conv_in change; 1.0 is "
+                                       "OSEDiff as released."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="CLIP of the SD2.1-base checkpoint: encodes the prompt. Needed "
+                                      "for osediff.pkl."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="What the image shows, e.g. tags like 'building, sky, tree' "
+                                        "(OSEDiff was trained with tagger prompts). Empty works, "
+                                        "with somewhat less detail."),
+            ],
+            outputs=[D3SRModelType.Output(display_name="d3sr_model")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, weights: str, strength: float, clip=None,
+                prompt: str = "") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("d3sr", weights)
+        return io.NodeOutput(load_osediff(model, vae, path, clip=clip, prompt=prompt or "",
+                                          strength=strength))
