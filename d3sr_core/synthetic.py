@@ -131,7 +131,7 @@ SDXL_UNET_CONFIG = dict(
 # the discriminator: model_channels 64 instead of 320, so ComfyUI's checkpoint detection does not
 # know it, but the trainer's own SDXL check (context_dim, adm_in_channels) accepts it.
 MINI_SDXL_UNET_CONFIG = dict(
-    TINY_SDXL_UNET_CONFIG, model_channels=64, num_head_channels=32)
+    TINY_SDXL_UNET_CONFIG, model_channels=64)
 
 
 def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0) -> str:
