@@ -68,7 +68,7 @@ def main() -> int:
         print("\n" + "!" * 78)
         print("[demo] No SD2.1-base checkpoint + D3SR weights in the host's models folder:")
         print("[demo] using a TINY RANDOM demo model. The output is NOT a meaningful image;")
-        print("[demo] it only shows the pipeline running end to end. See README: 'Models'.")
+        print("[demo] it only shows the pipeline running end to end. See README: 'Which files go where'.")
         print("!" * 78 + "\n")
     work = OUT / "server"
     if work.exists():
