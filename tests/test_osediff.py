@@ -149,8 +149,9 @@ def merge(sd: dict, loras: dict) -> dict:
     return out
 
 
-def reference_modules(ckpt: str, truth: dict, vae_lora: bool = True):
-    """Raw ComfyUI UNet and VAE modules with OSEDiff's weights merged in by hand."""
+def reference_modules(ckpt: str, truth: dict):
+    """Raw ComfyUI modules with OSEDiff's weights merged in by hand: (UNet, VAE, VAE without
+    the encoder LoRA)."""
     import comfy.ops
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -159,9 +160,11 @@ def reference_modules(ckpt: str, truth: dict, vae_lora: bool = True):
                                "input_blocks.0.0.bias": truth["conv_in"][1]})
     unet = UNetModel(**synthetic.TINY_SD2_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
     unet.load_state_dict(merge(unet_sd, truth["unet"]))
-    vae = AutoencoderKL(ddconfig=synthetic.KL_VAE_DDCONFIG, embed_dim=4)
-    vae.load_state_dict(merge(vae_sd, truth["vae"]) if vae_lora else vae_sd)
-    return unet.eval(), vae.eval()
+    vaes = []
+    for sd in (merge(vae_sd, truth["vae"]), vae_sd):
+        vaes.append(AutoencoderKL(ddconfig=synthetic.KL_VAE_DDCONFIG, embed_dim=4))
+        vaes[-1].load_state_dict(sd)
+    return unet.eval(), vaes[0].eval(), vaes[1].eval()
 
 
 class FakeClip:
@@ -202,12 +205,11 @@ def test_pkl_matches_plain_osediff_forward(models_dir, osediff_file, lr, pkl_out
     emb = FakeClip().encode_from_tokens("building, sky")[:, :77]
     assert torch.equal(d3sr.text_embedding, emb)
     ckpt = str(models_dir / "checkpoints" / "tiny-sd2.safetensors")
-    unet, vae = reference_modules(ckpt, truth)
+    unet, vae, plain_vae = reference_modules(ckpt, truth)
     ref = d3sr_reference(unet, vae, lr.movedim(-1, 1), 4.0, 999, emb, multiple=16)
     err = (out.movedim(-1, 1) - ref).abs().max().item()
     assert err < TOL, f"max abs difference {err}"
     # The VAE-encoder LoRA must matter (it is the part most easily dropped silently).
-    _, plain_vae = reference_modules(ckpt, truth, vae_lora=False)
     no_vae_lora = d3sr_reference(unet, plain_vae, lr.movedim(-1, 1), 4.0, 999, emb, multiple=16)
     assert (no_vae_lora - ref).abs().max().item() > 100 * TOL
 
