@@ -67,7 +67,28 @@ def upscale_graph() -> list[Node]:
     ]
 
 
-WORKFLOWS = {"d3sr_upscale_x4": upscale_graph}
+OSEDIFF = {"name": "osediff.pkl",
+           "url": "https://raw.githubusercontent.com/cswry/OSEDiff/main/preset/models/osediff.pkl",
+           "directory": "d3sr"}
+
+
+def osediff_graph() -> list[Node]:
+    """OSEDiff's released weights through the same upscaler (prompt from SD2.1's CLIP)."""
+    return [
+        checkpoint_node(1),
+        Node(2, "D3SROSEDiffLoader", {"weights": "osediff.pkl", "strength": 1.0, "prompt": ""},
+             inputs={"model": (1, 0), "vae": (1, 2), "clip": (1, 1)},
+             input_types={"model": "MODEL", "vae": "VAE", "clip": "CLIP"},
+             outputs=[("d3sr_model", "D3SR_MODEL")], models=[OSEDIFF]),
+        load_image_node(3),
+        Node(4, "D3SRUpscale", {"upscale_by": 4.0, "colour_fix": "adain"},
+             inputs={"d3sr_model": (2, 0), "image": (3, 0)},
+             input_types={"d3sr_model": "D3SR_MODEL", "image": "IMAGE"}, outputs=[("IMAGE", "IMAGE")]),
+        save_image_node(5, 4, "OSEDiff/x4"),
+    ]
+
+
+WORKFLOWS = {"d3sr_upscale_x4": upscale_graph, "osediff_upscale_x4": osediff_graph}
 
 
 def to_api(graph: list[Node]) -> dict:
