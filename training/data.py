@@ -1,0 +1,151 @@
+"""HR image folders -> random crops, a resumable sharded sampler, and the on-device degradation.
+
+Crops are BCHW float in [0, 1], `crop` x `crop`. Every random choice is seeded from
+(seed, epoch, image index), so the stream of batches is the same however many loader workers
+run and wherever a resumed run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+log = logging.getLogger("d3sr.train")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DataError(ValueError):
+    """The training data cannot be used (empty or unreadable folder, images smaller than the crop)."""
+
+
+def list_images(folders: list[str]) -> list[str]:
+    """All jpg/png/webp files under `folders` (recursive, sorted). Raises DataError for a missing
+    folder or when nothing is found."""
+    paths: list[str] = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise DataError(f"data folder not found: '{folder}' (data.folders in the config)")
+        for root, _dirs, files in os.walk(folder, followlinks=True):
+            paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(folders)}")
+    return sorted(paths)
+
+
+def scan_images(paths: list[str], crop: int) -> tuple[list[str], list[str]]:
+    """Read every image header: returns (usable paths, unreadable paths). Unreadable files are
+    skipped with a warning; any image smaller than `crop` on a side is a DataError (listing them)
+    because a crop cannot be taken from it."""
+    from PIL import Image
+    usable, unreadable, small = [], [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Exception:  # PIL raises many types for broken files
+            unreadable.append(p)
+            continue
+        (small if min(w, h) < crop else usable).append(p if min(w, h) >= crop else f"{p} ({w}x{h})")
+    if unreadable:
+        log.warning("skipping %d unreadable image(s), e.g. %s", len(unreadable), unreadable[0])
+    if small:
+        raise DataError(f"{len(small)} image(s) are smaller than the {crop}x{crop} crop (e.g. "
+                        f"{'; '.join(small[:3])}). Remove or upscale them, or lower train.crop.")
+    if not usable:
+        raise DataError(f"none of the {len(paths)} image file(s) could be read "
+                        f"(e.g. {unreadable[0] if unreadable else '?'})")
+    return usable, unreadable
+
+
+class CropDataset(Dataset):
+    """Item (index, seed) -> random `crop` x `crop` RGB crop [3, crop, crop] in [0, 1] of image
+    `index`. An image that fails to load now is replaced by the next one (warned, counted)."""
+
+    def __init__(self, paths: list[str], crop: int) -> None:
+        self.paths, self.crop = list(paths), int(crop)
+        self.failures = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, path: str) -> np.ndarray:
+        from PIL import Image
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, seed = item
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                arr = self._load(path)
+                break
+            except Exception as e:
+                self.failures += 1
+                log.warning("skipping unreadable image %s (%s); %d so far in this worker", path, e, self.failures)
+        else:
+            raise DataError("no training image could be read")
+        rng = np.random.default_rng(seed)
+        h, w = arr.shape[:2]
+        if min(h, w) < self.crop:
+            raise DataError(f"{path} ({w}x{h}) is smaller than the {self.crop} crop")
+        top = int(rng.integers(0, h - self.crop + 1))
+        left = int(rng.integers(0, w - self.crop + 1))
+        patch = arr[top: top + self.crop, left: left + self.crop]
+        if rng.random() < 0.5:  # horizontal flip (ours; a common SR augmentation)
+            patch = patch[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+
+
+class ResumableShardSampler(Sampler):
+    """Endless stream of (index, crop seed) for one rank: epoch after epoch of torch's
+    DistributedSampler (shuffled with seed + epoch, sharded across ranks), starting after
+    `start` items this rank has already consumed (resume)."""
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, start: int = 0) -> None:
+        self.size, self.rank, self.world, self.seed = size, rank, world, int(seed)
+        self.per_rank = math.ceil(size / world)
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            shard = DistributedSampler(range(self.size), num_replicas=self.world, rank=self.rank,
+                                       shuffle=True, seed=self.seed, drop_last=False)
+            shard.set_epoch(epoch)
+            for index in list(shard)[offset:]:
+                yield index, (self.seed * 1_000_003 + epoch * 7_919 * self.size + index) % 2**63
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len()
+        return 2**62
+
+
+def bicubic_degradation(scale: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """A plain degradation for tests and quick runs: antialiased bicubic / scale, quantised."""
+    def degrade(hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        lr = F.interpolate(hr.float(), scale_factor=1.0 / scale, mode="bicubic", antialias=True)
+        return (lr.clamp(0, 1) * 255).round() / 255
+    return degrade
+
+
+def make_degradation(name: str, scale: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """`degrade(hr BCHW [0,1], cpu generator) -> LR BCHW [0,1]` of size H/scale: 'realesrgan'
+    (training.degradation, the paper's) or 'bicubic'."""
+    if name == "bicubic":
+        return bicubic_degradation(scale)
+    from .degradation import DegradationConfig, RealESRGANDegradation
+    return RealESRGANDegradation(DegradationConfig(scale=scale))
+
+
+def folder_images(folder: str | Path) -> list[str]:
+    """Sorted image files directly in `folder` (evaluation inputs)."""
+    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
