@@ -1,0 +1,139 @@
+"""Real-ESRGAN second-order degradation: shapes, range, seeding, per-stage statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.degradation import (
+    DegradationConfig,
+    RealESRGANDegradation,
+    StageConfig,
+    add_gaussian_noise,
+    add_poisson_noise,
+    jpeg,
+    random_blur_kernel,
+    sinc_kernel,
+)
+
+
+def _smooth_images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour images (B, 3, size, size) in [0.1, 0.9]: upsampled noise."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, size // 8, size // 8, generator=gen)
+    return 0.1 + 0.8 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def degrade() -> RealESRGANDegradation:
+    return RealESRGANDegradation()
+
+
+def test_output_shape_range_and_quantisation(degrade):
+    hr = _smooth_images(batch=3, size=64)
+    for seed in range(4):
+        lr = degrade(hr, torch.Generator().manual_seed(seed))
+        assert lr.shape == (3, 3, 16, 16)
+        assert lr.dtype == torch.float32
+        assert lr.min().item() >= 0.0 and lr.max().item() <= 1.0
+        assert torch.equal(lr * 255, (lr * 255).round())
+        # still the same picture: low-passed HR and LR agree on average brightness
+        assert (lr.mean() - hr.mean()).abs().item() < 0.1
+
+
+def test_same_seed_same_output_and_other_seed_differs(degrade):
+    hr = _smooth_images(batch=2, size=64)
+    a = degrade(hr, torch.Generator().manual_seed(7))
+    b = degrade(hr, torch.Generator().manual_seed(7))
+    c = degrade(hr, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_rejects_sizes_not_divisible_by_scale(degrade):
+    with pytest.raises(ValueError, match="divisible"):
+        degrade(torch.rand(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("sigma_255", [5.0, 20.0])
+def test_gaussian_noise_sigma_on_a_flat_image(sigma_255):
+    flat = torch.full((2, 3, 128, 128), 0.5)
+    gray = torch.tensor([False, True])
+    noisy = add_gaussian_noise(flat, torch.full((2,), sigma_255 / 255), gray, torch.Generator().manual_seed(0))
+    measured = (noisy - flat).std(dim=(1, 2, 3)) * 255
+    assert torch.all((measured - sigma_255).abs() < 0.1 * sigma_255), measured
+    # grey noise is identical in all channels, colour noise is not
+    assert torch.equal(noisy[1, 0], noisy[1, 2])
+    assert not torch.equal(noisy[0, 0], noisy[0, 2])
+
+
+def test_noise_stage_of_the_pipeline_follows_its_config():
+    """Only the first noise stage active (no blur, resize; JPEG at quality 100): sigma as
+    configured. Grey noise, since JPEG's 4:2:0 chroma subsampling averages colour noise."""
+    sigma = 12.0
+    first = StageConfig(
+        kernel_probs=(1, 0, 0, 0, 0, 0), blur_sigma=(1e-3, 1e-3), sinc_prob=0.0,
+        resize_probs=(0, 0, 1), gaussian_noise_prob=1.0, noise_range=(sigma, sigma), gray_noise_prob=1.0,
+        jpeg_range=(100, 100),
+    )
+    quiet = StageConfig(
+        kernel_probs=(1, 0, 0, 0, 0, 0), blur_sigma=(1e-3, 1e-3), sinc_prob=0.0,
+        resize_probs=(0, 0, 1), gaussian_noise_prob=1.0, noise_range=(0, 0), jpeg_range=(100, 100),
+    )
+    cfg = DegradationConfig(scale=1, first=first, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0)
+    flat = torch.full((2, 3, 64, 64), 0.5)
+    lr = RealESRGANDegradation(cfg)(flat, torch.Generator().manual_seed(3))
+    measured = (lr - 0.5).std().item() * 255
+    # JPEG at quality 100 and 8-bit rounding add well under 10 % here
+    assert abs(measured - sigma) < 0.1 * sigma, measured
+
+
+def test_poisson_noise_grows_with_scale_and_brightness():
+    gen = torch.Generator().manual_seed(0)
+    dark, bright = torch.full((1, 3, 96, 96), 0.1), torch.full((1, 3, 96, 96), 0.8)
+    no_gray = torch.tensor([False])
+    small = (add_poisson_noise(bright, torch.tensor([0.5]), no_gray, gen) - bright).std()
+    large = (add_poisson_noise(bright, torch.tensor([2.0]), no_gray, gen) - bright).std()
+    darker = (add_poisson_noise(dark, torch.tensor([2.0]), no_gray, gen) - dark).std()
+    assert 0 < small < large
+    assert darker < large
+
+
+def test_jpeg_error_is_monotone_in_quality():
+    images = _smooth_images(batch=1, size=64, seed=1)
+    images = images + 0.05 * torch.rand(images.shape, generator=torch.Generator().manual_seed(2))
+    errors = [
+        (jpeg(images, torch.tensor([float(q)])) - images.clamp(0, 1)).square().mean().item()
+        for q in (10, 30, 50, 70, 90)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_blur_kernels_are_normalised_and_sized():
+    gen = torch.Generator().manual_seed(0)
+    cfg = DegradationConfig()
+    for _ in range(30):
+        kernel = random_blur_kernel(gen, cfg.first, cfg)
+        assert kernel.shape == (21, 21)
+        assert abs(kernel.sum().item() - 1) < 1e-9
+        assert kernel.min().item() >= -0.05  # sinc kernels may dip slightly below zero
+        # centred: first moments are zero only for symmetric kernels; all of ours are point-symmetric
+        flipped = torch.flip(kernel, dims=(0, 1))
+        torch.testing.assert_close(kernel, flipped, atol=1e-12, rtol=0)
+
+
+def test_isotropic_gaussian_kernel_has_the_requested_sigma():
+    stage = StageConfig(kernel_probs=(1, 0, 0, 0, 0, 0), sinc_prob=0.0, blur_sigma=(2.0, 2.0))
+    cfg = DegradationConfig(kernel_size_min=21)
+    kernel = random_blur_kernel(torch.Generator().manual_seed(0), stage, cfg)
+    ax = torch.arange(21, dtype=torch.float64) - 10
+    variance_x = (kernel.sum(0) * ax**2).sum().item()
+    assert abs(math.sqrt(variance_x) - 2.0) < 0.02
+
+
+def test_sinc_kernel_centre_value():
+    kernel = sinc_kernel(21, math.pi / 2)
+    assert kernel.argmax().item() == 10 * 21 + 10
+    assert abs(kernel.sum().item() - 1) < 1e-12

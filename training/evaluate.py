@@ -1,0 +1,225 @@
+"""Evaluate super-resolved images against ground truth with the field's metrics.
+
+    python -m training.evaluate --outputs DIR --gt DIR [--csv F] [--json F]
+                                [--crop-border N] [--device cpu|cuda] [--no-niqe]
+
+Pairs files by name stem (``a.png`` in --outputs with ``a.png`` or ``a.jpg`` in --gt).
+Per image and on average: PSNR and SSIM on the Y channel (pyiqa's conventions, see
+:mod:`training.pixel_metrics`), LPIPS (AlexNet, v0.1), DISTS and NIQE (of the output;
+skipped with a message when its parameters cannot be obtained). ``--crop-border`` trims
+PSNR, SSIM and NIQE inputs only, as pyiqa does. MUSIQ, MANIQA and CLIPIQA need weights
+that no registry package ships, so they are reported as not computed, never estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import pretrained
+from .dists import DISTS
+from .lpips_alex import LPIPSAlex
+from .pixel_metrics import crop_border, psnr_y, ssim_y
+
+__all__ = ["EvaluationResult", "evaluate_folders", "load_image", "main", "pair_files"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+NOT_COMPUTED = {
+    "MUSIQ": "its weights ship in no registry package (needs a hub download)",
+    "MANIQA": "its weights ship in no registry package (needs a hub download)",
+    "CLIPIQA": "its weights ship in no registry package (needs a hub download)",
+}
+
+
+@dataclass
+class EvaluationResult:
+    """Per-image rows ({'image', metric: value}) and the mean of each metric."""
+
+    metrics: list[str]
+    rows: list[dict] = field(default_factory=list)
+    not_computed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {m: float(np.mean([r[m] for r in self.rows])) for m in self.metrics}
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as (1, 3, H, W) float32 RGB in [0, 1]."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def pair_files(outputs: str | Path, gt: str | Path) -> list[tuple[Path, Path]]:
+    """(output, ground truth) paths matched by file stem, sorted; every output needs a GT."""
+    outs, gts = _images(Path(outputs)), _images(Path(gt))
+    if not outs:
+        raise FileNotFoundError(f"no images in {outputs}")
+    missing = sorted(set(outs) - set(gts))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} outputs have no ground truth in {gt}, e.g. {missing[:3]}")
+    return [(outs[k], gts[k]) for k in sorted(outs)]
+
+
+def _niqe_or_reason():
+    """A NIQE callable, or (None, why it is unavailable)."""
+    try:
+        from .niqe import NIQE
+    except ImportError as err:  # pragma: no cover - module always present in this repo
+        return None, str(err)
+    try:
+        return NIQE(), ""
+    except pretrained.WeightsUnavailable as err:
+        return None, str(err).splitlines()[0]
+
+
+def evaluate_folders(
+    outputs: str | Path,
+    gt: str | Path,
+    crop: int = 0,
+    device: str = "cpu",
+    with_niqe: bool = True,
+    limit: int | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Compute every available metric for each (output, GT) pair; see the module doc."""
+    pairs = pair_files(outputs, gt)[:limit]
+    dev = torch.device(device)
+    lpips = LPIPSAlex().to(dev).eval()
+    dists = DISTS().to(dev).eval()
+    metrics = ["psnr", "ssim", "lpips", "dists"]
+    not_computed = dict(NOT_COMPUTED)
+    niqe = None
+    if with_niqe:
+        niqe, reason = _niqe_or_reason()
+        if niqe is None:
+            not_computed["NIQE"] = reason
+        else:
+            metrics.append("niqe")
+    else:
+        not_computed["NIQE"] = "disabled with --no-niqe"
+    result = EvaluationResult(metrics=metrics, not_computed=not_computed)
+    for out_path, gt_path in tqdm(pairs, desc="evaluating", unit="img", disable=not progress, file=sys.stderr):
+        out, ref = load_image(out_path).to(dev), load_image(gt_path).to(dev)
+        if out.shape != ref.shape:
+            raise ValueError(f"{out_path.name}: output {tuple(out.shape[-2:])} vs ground truth {tuple(ref.shape[-2:])}")
+        with torch.no_grad():
+            out_c, ref_c = crop_border(out, crop), crop_border(ref, crop)
+            row = {
+                "image": out_path.name,
+                "psnr": float(psnr_y(out_c, ref_c)),
+                "ssim": float(ssim_y(out_c, ref_c)),
+                "lpips": float(lpips(out, ref)),
+                "dists": float(dists(out, ref)),
+            }
+            if niqe is not None:
+                row["niqe"] = float(niqe(out_c.cpu()))
+        result.rows.append(row)
+    return result
+
+
+def format_table(result: EvaluationResult, per_image: bool = True) -> str:
+    """Plain-text table: one line per image (optional) and the mean."""
+    names = ["image", *result.metrics]
+    width = max([len("mean"), *(len(r["image"]) for r in result.rows)])
+    lines = [f"{'image':<{width}}" + "".join(f"{m.upper():>10}" for m in result.metrics)]
+    rows = result.rows if per_image else []
+    for row in rows:
+        lines.append(f"{row['image']:<{width}}" + "".join(f"{row[m]:>10.4f}" for m in names[1:]))
+    mean = result.mean
+    lines.append(f"{'mean':<{width}}" + "".join(f"{mean[m]:>10.4f}" for m in result.metrics))
+    for name, why in result.not_computed.items():
+        lines.append(f"{name}: not computed ({why})")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_csv(result: EvaluationResult) -> str:
+    """CSV text: header, one row per image, then a 'mean' row."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *result.metrics])
+    for row in result.rows:
+        writer.writerow([row["image"], *(f"{row[m]:.6f}" for m in result.metrics)])
+    writer.writerow(["mean", *(f"{v:.6f}" for v in result.mean.values())])
+    return buffer.getvalue()
+
+
+def to_json(result: EvaluationResult, outputs: str, gt: str, crop: int) -> str:
+    """JSON text with settings, means, per-image values and the metrics not computed."""
+    payload = {
+        "outputs": str(outputs),
+        "gt": str(gt),
+        "crop_border": crop,
+        "count": len(result.rows),
+        "mean": result.mean,
+        "per_image": result.rows,
+        "not_computed": result.not_computed,
+    }
+    return json.dumps(payload, indent=2, allow_nan=False) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--outputs", required=True, help="folder of super-resolved images")
+    parser.add_argument("--gt", required=True, help="folder of ground-truth images (same names)")
+    parser.add_argument("--csv", help="write per-image and mean values here")
+    parser.add_argument("--json", help="write settings, per-image and mean values here")
+    parser.add_argument("--crop-border", type=int, default=0, help="pixels trimmed for PSNR/SSIM/NIQE")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-niqe", action="store_true", help="skip NIQE (the slowest metric)")
+    parser.add_argument("--limit", type=int, help="only the first N pairs (by name)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, print only the mean")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_folders(
+            args.outputs, args.gt, args.crop_border, args.device, not args.no_niqe, args.limit, not args.quiet
+        )
+    except (FileNotFoundError, ValueError, pretrained.WeightsUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result, per_image=not args.quiet))
+    if any(math.isnan(v) for v in result.mean.values()):
+        print("warning: some metric is NaN", file=sys.stderr)
+    if args.csv:
+        _write_atomic(args.csv, to_csv(result))
+    if args.json:
+        _write_atomic(args.json, to_json(result, args.outputs, args.gt, args.crop_border))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
