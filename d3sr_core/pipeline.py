@@ -135,13 +135,16 @@ def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fi
     for i in range(image.shape[0]):
         mm.throw_exception_if_processing_interrupted()
         lr = image[i: i + 1].movedim(-1, 1)
+        oom = False
         try:
             outputs.append(upscale_one(d3sr, lr, factor, colour_fix))
         except mm.OOM_EXCEPTION:
-            h, w = output_size(lr.shape[-2], lr.shape[-1], factor)
-            raise D3SROutOfMemoryError(
-                f"Out of memory upscaling a {lr.shape[-1]}x{lr.shape[-2]} image to {w}x{h} on "
-                f"{mm.get_torch_device()}. Use the 'D3SR Tiled Upscale' node, a smaller factor, "
-                "or free memory (close other models).") from None
+            oom = True  # handled outside the except block so the failed pass's tensors are freed
+        if oom:
+            # Retry through tiles, halving the tile down to a floor; that path logs what it does
+            # and raises D3SROutOfMemoryError if even the smallest tile does not fit.
+            from .tiling import upscale_after_oom
+            mm.soft_empty_cache()
+            outputs.append(upscale_after_oom(d3sr, lr, factor, colour_fix))
         pbar.update(1)
     return torch.cat(outputs).movedim(1, -1)

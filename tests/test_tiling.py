@@ -1,0 +1,172 @@
+"""D3SRTiledUpscale's core (d3sr_core.tiling): equality with the plain path, seams, sizes,
+progress / interrupt, and the out-of-memory fallback (simulated: CPUs do not raise OOM)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.model_management as mm
+import comfy.utils
+import pytest
+import torch
+
+from d3sr_core import pipeline, tiling
+from d3sr_core.colour_fix import apply_colour_fix
+from d3sr_core.model import load_d3sr
+
+
+@pytest.fixture(scope="module")
+def d3sr(tiny_sd2, models_dir):
+    model, vae = tiny_sd2
+    return load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
+
+
+def smooth_image(h: int, w: int) -> torch.Tensor:
+    """IMAGE [1, h, w, 3]: slow sinusoids, a different phase per channel."""
+    y = torch.linspace(0, 1, h)[:, None]
+    x = torch.linspace(0, 1, w)[None, :]
+    chans = [0.5 + 0.3 * torch.sin(2 * math.pi * (0.8 * x + p)) * torch.cos(2 * math.pi * (0.6 * y + p))
+             for p in (0.0, 0.3, 0.6)]
+    return torch.stack(chans, -1)[None]
+
+
+@pytest.mark.parametrize("length,tile,overlap,align", [(10, 4, 1, 1), (160, 48, 16, 8), (37, 8, 2, 1),
+                                                       (64, 64, 8, 2), (30, 8, 8, 2), (100, 12, 6, 2)])
+def test_layout_covers_with_weights_summing_to_one(length, tile, overlap, align):
+    spans = tiling.layout(length, tile, overlap, align)
+    assert spans[0].start == 0 and spans[-1].stop == length
+    for s in spans:
+        assert s.size <= tile and s.start % align == 0 and s.size % align == 0
+    for a, b in zip(spans, spans[1:]):
+        assert b.start <= a.stop - min(overlap, tile // 2 // align * align)   # overlap kept
+    total = tiling.weight_sum(spans, length)
+    assert total.min() > 0.5      # blending divides by this sum, so it only has to be positive
+    if all(s.ramp_in + s.ramp_out <= s.size for s in spans):   # no three tiles meet
+        assert torch.allclose(total, torch.ones(length), atol=1e-6)
+    assert all(tiling.ramp_weights(s).min() > 0 for s in spans)
+
+
+@pytest.mark.parametrize("method", ["adain", "wavelet", "none"])
+def test_colour_fix_in_strips_equals_whole_image(method):
+    gen = torch.Generator().manual_seed(1)
+    image, ref = torch.rand(2, 3, 101, 67, generator=gen) * 1.2 - 0.1, torch.rand(2, 3, 101, 67, generator=gen)
+    expected = apply_colour_fix(image, ref, method).clamp(0, 1)
+    got = tiling.colour_fix_(image.clone(), ref, method, strip=32)
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_one_tile_equals_plain_upscale(d3sr):
+    lr = torch.rand(2, 13, 19, 3, generator=torch.Generator().manual_seed(2))
+    plain = pipeline.upscale(d3sr, lr, 4.0, "adain")
+    tiled = tiling.upscale_tiled(d3sr, lr, 4.0, "adain", tile=512, overlap=64, vae_tile=512)
+    assert tiled.shape == plain.shape == (2, 52, 76, 3)
+    assert (tiled - plain).abs().max().item() < 1e-5
+
+
+def border_ratio(image: torch.Tensor, borders: set[int], axis: int, phase: int = 8) -> float:
+    """Mean |x[k] - x[k-1]| across tile-border lines k over the same across interior lines.
+    Borders sit on multiples of 8 px, and the VAE decoder's 8x upsampling gives lines a
+    period-8 structure of their own, so interior lines are taken at the same phase."""
+    x = image[0].movedim(-1, 0).double()                               # [3, H, W]
+    n = x.shape[axis]
+    diff = (x.narrow(axis, 1, n - 1) - x.narrow(axis, 0, n - 1)).abs()
+    profile = diff.mean(dim=tuple(a for a in range(3) if a != axis))  # [n - 1]: k-1 -> k
+    border = [profile[k - 1] for k in sorted(borders)]
+    interior = [profile[k - 1] for k in range(phase, n, phase) if k not in borders]
+    assert len(border) >= 2 and len(interior) >= 4
+    return (sum(border) / len(border) / (sum(interior) / len(interior))).item()
+
+
+def tile_borders(d3sr, out_hw, tile, overlap, vae_tile) -> tuple[set[int], set[int]]:
+    """Output rows / columns where some UNet or VAE tile starts or ends."""
+    plan = tiling.tile_plan(d3sr, out_hw, tile, overlap, vae_tile)
+    ph, pw = plan["padded"]
+    grids = [tiling.TileGrid(ph // 8, pw // 8, plan["unet_tile"], plan["unet_overlap"], plan["align"]),
+             tiling.TileGrid(ph // 8, pw // 8, vae_tile // 8, tiling.VAE_OVERLAP // 8)]
+    rows = {8 * v for g in grids for s in g.rows for v in (s.start, s.stop) if 0 < 8 * v < out_hw[0]}
+    cols = {8 * v for g in grids for s in g.cols for v in (s.start, s.stop) if 0 < 8 * v < out_hw[1]}
+    return rows, cols
+
+
+def test_no_seams_on_smooth_input(d3sr, monkeypatch):
+    image = smooth_image(32, 40)                      # -> 128 x 160, 3 x 3 UNet tiles, 3 x 4 VAE tiles
+    args = dict(tile=64, overlap=16, vae_tile=64)
+    rows, cols = tile_borders(d3sr, (128, 160), **args)
+    out = tiling.upscale_tiled(d3sr, image, 4.0, "none", **args)
+    ratios = border_ratio(out, rows, 1), border_ratio(out, cols, 2)
+    # A step at tile borders raises the difference there; within 10 % of the interior is seamless.
+    assert max(ratios) <= 1.10, ratios
+    # The measure has teeth: plain averaging of the overlaps (box weights) leaves visible steps.
+    monkeypatch.setattr(tiling, "ramp_weights", lambda span, scale=1: torch.ones(span.size * scale))
+    boxed = tiling.upscale_tiled(d3sr, image, 4.0, "none", **args)
+    assert max(border_ratio(boxed, rows, 1), border_ratio(boxed, cols, 2)) > 1.15
+
+
+@pytest.fixture
+def progress():
+    """Records (value, total) of every ComfyUI progress-bar update."""
+    calls, previous = [], comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                             calls.append((value, total)))
+    yield calls
+    comfy.utils.set_progress_bar_global_hook(previous)
+
+
+@pytest.mark.parametrize("size,factor,tile", [((13, 19), 2.5, 32),    # odd sizes, 2 x 3 tiles
+                                              ((9, 30), 3.0, 48),     # non-square
+                                              ((5, 7), 4.0, 512)])    # smaller than one tile
+def test_output_size_is_exact_and_progress_counts_tiles(d3sr, progress, size, factor, tile):
+    image = torch.rand(1, *size, 3, generator=torch.Generator().manual_seed(3))
+    out = tiling.upscale_tiled(d3sr, image, factor, "adain", tile=tile, overlap=8, vae_tile=tile)
+    out_hw = (round(size[0] * factor), round(size[1] * factor))
+    assert out.shape == (1, *out_hw, 3)
+    assert 0.0 <= out.min().item() and out.max().item() <= 1.0
+    steps = tiling.tile_plan(d3sr, out_hw, tile, 8, tile)["steps"]
+    assert progress[-1] == (steps, steps) and len(progress) == steps
+    assert steps == 3 if tile == 512 else steps > 3
+
+
+def test_interrupt_is_checked_between_tiles(d3sr, progress):
+    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: mm.interrupt_current_processing(True))
+    image = torch.rand(1, 12, 12, 3)
+    with pytest.raises(mm.InterruptProcessingException):
+        tiling.upscale_tiled(d3sr, image, 4.0, "none", tile=16, overlap=0, vae_tile=16)
+    assert not mm.processing_interrupted()
+
+
+def oom_above(monkeypatch, max_latent_pixels: int) -> list[tuple[int, int]]:
+    """Make pipeline.predict_x0 raise ComfyUI's OOM exception for latents larger than
+    `max_latent_pixels`; returns the list of latent sizes it was called with."""
+    real, seen = pipeline.predict_x0, []
+
+    def predict(base_model, z, *args, **kwargs):
+        seen.append(tuple(z.shape[-2:]))
+        if z.shape[-2] * z.shape[-1] > max_latent_pixels:
+            raise mm.OOM_EXCEPTION("simulated out of memory")
+        return real(base_model, z, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_x0", predict)
+    return seen
+
+
+def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog):
+    image = smooth_image(24, 32)                           # -> 96 x 128, latent 12 x 16
+    expected = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=32)
+    monkeypatch.setattr(tiling, "MIN_TILE", 32)
+    seen = oom_above(monkeypatch, 4 * 4)                   # only 32 px tiles fit
+    with caplog.at_level(logging.WARNING):
+        out = pipeline.upscale(d3sr, image, 4.0, "adain")
+    assert seen[0] == (12, 16) and (8, 8) in seen and seen[-1] == (4, 4)   # whole, 64 px, 32 px
+    assert out.shape == (1, 96, 128, 3)
+    assert (out - expected).abs().max().item() < 1e-6
+    text = caplog.text
+    assert "out of memory upscaling 32x24 to 128x96 in one piece" in text
+    assert "retrying image 1 of 1 with 32 px tiles" in text
+
+
+def test_oom_even_at_the_floor_is_a_clear_error(d3sr, monkeypatch):
+    monkeypatch.setattr(tiling, "MIN_TILE", 32)
+    oom_above(monkeypatch, 0)
+    with pytest.raises(pipeline.D3SROutOfMemoryError, match="even with 32 px tiles"):
+        pipeline.upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none")
