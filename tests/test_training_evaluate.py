@@ -1,0 +1,106 @@
+"""`python -m training.evaluate` on a subset of RealSR: values, files, messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.signal import correlate2d
+
+from training import evaluate
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "RealSR"
+# Per-image values of the full-set run recorded in docs/evaluation.md (whose means match
+# pyiqa's published OSEDiff numbers: 25.15 / 0.7341 / 0.2921 / 0.2128).
+FULL_SET_VALUES = {
+    "Canon_001_LR4.png": {"psnr": 25.79373, "ssim": 0.85127, "lpips": 0.22485, "dists": 0.18433},
+    "Canon_002_LR4.png": {"psnr": 24.04586, "ssim": 0.73523, "lpips": 0.21426, "dists": 0.20242},
+}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    if not DATA.is_dir():
+        pytest.skip(f"test data not found at {DATA}")
+    folder = tmp_path_factory.mktemp("eval")
+    csv_path, json_path = folder / "out" / "metrics.csv", folder / "out" / "metrics.json"
+    code = evaluate.main([
+        "--outputs", str(DATA / "OSEDiff"), "--gt", str(DATA / "HR"), "--limit", "2", "--no-niqe",
+        "--csv", str(csv_path), "--json", str(json_path), "--device", "cpu",
+    ])
+    return code, csv_path, json_path
+
+
+def _y_numpy(path: Path) -> np.ndarray:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
+    return (16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+
+
+def _ssim_numpy(a: np.ndarray, b: np.ndarray) -> float:
+    """Plain SSIM (Wang et al. 2004) on [0, 255] images, 11x11 Gaussian sigma 1.5, valid."""
+    ax = np.arange(11) - 5.0
+    g = np.exp(-(ax**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def f(x):
+        return correlate2d(x, w, mode="valid")
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ma, mb = f(a), f(b)
+    va, vb, cov = f(a * a) - ma**2, f(b * b) - mb**2, f(a * b) - ma * mb
+    cs = np.maximum((2 * cov + c2) / (va + vb + c2), 0)
+    return float((((2 * ma * mb + c1) / (ma**2 + mb**2 + c1)) * cs).mean())
+
+
+def test_cli_writes_csv_and_json(cli_run, capsys):
+    code, csv_path, json_path = cli_run
+    assert code == 0
+    payload = json.loads(json_path.read_text())
+    assert payload["count"] == 2 and [r["image"] for r in payload["per_image"]] == list(FULL_SET_VALUES)
+    for metric in ("psnr", "ssim", "lpips", "dists"):
+        mean = np.mean([r[metric] for r in payload["per_image"]])
+        assert payload["mean"][metric] == pytest.approx(mean, abs=1e-12)
+    assert set(payload["not_computed"]) >= {"MUSIQ", "MANIQA", "CLIPIQA"}
+    rows = list(csv.reader(csv_path.read_text().splitlines()))
+    assert rows[0] == ["image", "psnr", "ssim", "lpips", "dists"]
+    assert rows[-1][0] == "mean" and float(rows[-1][1]) == pytest.approx(payload["mean"]["psnr"], abs=1e-5)
+    assert not list(csv_path.parent.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_subset_matches_full_set_values(cli_run):
+    _, _, json_path = cli_run
+    for row in json.loads(json_path.read_text())["per_image"]:
+        for metric, value in FULL_SET_VALUES[row["image"]].items():
+            assert row[metric] == pytest.approx(value, abs=1e-4), (row["image"], metric)
+
+
+def test_psnr_and_ssim_match_independent_numpy(cli_run):
+    _, _, json_path = cli_run
+    for row in json.loads(json_path.read_text())["per_image"]:
+        out, ref = _y_numpy(DATA / "OSEDiff" / row["image"]), _y_numpy(DATA / "HR" / row["image"])
+        psnr = 10 * np.log10(1.0 / np.mean((out - ref) ** 2))
+        assert row["psnr"] == pytest.approx(psnr, abs=1e-4)
+        ssim = _ssim_numpy(np.round(out * 255), np.round(ref * 255))
+        assert row["ssim"] == pytest.approx(ssim, abs=1e-6)
+
+
+def test_table_names_the_metrics_that_cannot_run_offline(tmp_path):
+    result = evaluate.EvaluationResult(metrics=["psnr"], rows=[{"image": "a.png", "psnr": 20.0}])
+    result.not_computed = dict(evaluate.NOT_COMPUTED)
+    table = evaluate.format_table(result)
+    assert "mean" in table and "20.0000" in table
+    for name in ("MUSIQ", "MANIQA", "CLIPIQA"):
+        assert f"{name}: not computed" in table
+
+
+def test_missing_ground_truth_is_an_error(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "x.png")
+    code = evaluate.main(["--outputs", str(tmp_path / "out"), "--gt", str(tmp_path / "gt"), "--quiet"])
+    assert code == 2
+    assert "no ground truth" in capsys.readouterr().err
