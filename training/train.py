@@ -506,6 +506,11 @@ def train(cfg: Config, resume: str | bool | None = None) -> int:
         if bar is not None:
             bar.close()
         runlog.close()
+    dump = os.environ.get("D3SR_RANK_STATE_DIR")  # tests: every rank's trainable state at the end
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        torch.save({"generator": trainer.G.state_dict(), "discriminator": trainer.D.state_dict(),
+                    "step": trainer.step}, os.path.join(dump, f"rank{rank}.pt"))
     _barrier(world)
     if world > 1:
         dist.destroy_process_group()

@@ -1,0 +1,196 @@
+"""The D3SR trainer on generated small models (CPU): what trains, overfitting, resume,
+export round trip through the loader and the node pipeline, and bad-input errors.
+
+Models: a two-level SD2-shaped generator (loaded by ComfyUI's checkpoint loader as SD2.x) and a
+small SDXL-shaped discriminator (context 2048, adm 2816), both written as checkpoint files and
+loaded through the trainer's normal code path. Crops are 16x16 (2x2 latents) to keep CPU time
+low; EA-DISTS runs on seeded random VGG weights (loss.pretrained_vgg: false) so nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from training.config import load_config
+from training.train import Trainer, main, prepare_tiny_setup, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_train")
+    return prepare_tiny_setup(str(root), images=4, size=40)
+
+
+def write_config(tmp_path, setup, **sections) -> str:
+    data = {
+        "output_dir": str(tmp_path / "out"), "seed": 0, "device": "cpu",
+        "models": {"generator": setup["generator"], "discriminator": setup["discriminator"]},
+        "generator": {"timestep": 399, "lora_rank": 4, "lora_alpha": 4},
+        "discriminator": {"lora_rank": 4, "lora_alpha": 4},
+        "loss": {"pretrained_vgg": False},
+        "optim": {"lr_generator": 1e-4, "lr_discriminator": 1e-4},
+        "train": {"steps": 4, "batch_size": 1, "crop": 16, "scale": 4, "precision": "fp32"},
+        "data": {"folders": [setup["data"]], "degradation": "bicubic", "num_workers": 0},
+        "log": {"every": 1, "checkpoint_every": 2, "sample_every": 0, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def fixed_batch(seed: int = 0, crop: int = 16) -> torch.Tensor:
+    coarse = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(crop, crop), mode="bilinear", align_corners=False)
+
+
+def frozen_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, module in (("g_unet.", trainer.G.base), ("vae.", trainer.G.autoencoder), ("d_unet.", trainer.D.unet)):
+        out.update({prefix + k: v.detach().clone() for k, v in module.state_dict().items()})
+    return out
+
+
+def test_only_lora_head_and_embedding_change(tmp_path, setup):
+    # A random starting embedding (the models.embedding_file option) and 32x32 crops, so that every
+    # LoRA layer gets a gradient at step 1 (a zero context or a 1x1 middle block leaves
+    # attention projections without one).
+    from safetensors.torch import save_file
+    emb = str(tmp_path / "embedding.safetensors")
+    save_file({"text_embedding": torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0))}, emb)
+    models = {"generator": setup["generator"], "discriminator": setup["discriminator"], "embedding_file": emb}
+    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models, train={"crop": 32})))
+    before_frozen = frozen_state(trainer)
+    before_g = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    before_d = {k: v.clone() for k, v in trainer.D.state_dict().items()}
+    trainer.train_step([fixed_batch(crop=32)])
+    after_frozen = frozen_state(trainer)
+    assert before_frozen.keys() == after_frozen.keys()
+    changed_frozen = [k for k in before_frozen if not torch.equal(before_frozen[k], after_frozen[k])]
+    assert changed_frozen == []
+    g_after, d_after = trainer.G.state_dict(), trainer.D.state_dict()
+    assert all(k.startswith(("lora.", "embedding")) for k in g_after)
+    assert all(k.startswith(("lora.", "head.", "context", "pooled")) for k in d_after)
+    # Every LoRA B (zero at start) moved.
+    unchanged = [k for k in g_after if ".lora_B." in k and torch.equal(before_g[k], g_after[k])]
+    assert unchanged == []
+    assert not torch.equal(before_g["embedding"], g_after["embedding"])
+    assert all(not torch.equal(before_d[k], d_after[k]) for k in d_after if k.startswith("head."))
+    assert torch.equal(before_d["context"], d_after["context"])     # conditioning is not trained
+    # The discriminator's output blocks were never built.
+    assert not hasattr(trainer.D.unet, "output_blocks")
+
+
+def test_overfit_one_batch(tmp_path, setup):
+    # lr 2e-3 (not the paper's 5e-5) so that 120 CPU steps show the trend clearly.
+    cfg = load_config(write_config(tmp_path, setup, optim={"lr_generator": 2e-3, "lr_discriminator": 2e-3}))
+    trainer = Trainer(cfg)
+    hr = fixed_batch(3)
+    rows = [trainer.train_step([hr]) for _ in range(120)]
+    start = sum(r["loss_mse"] + r["loss_perceptual"] for r in rows[:5]) / 5
+    end = sum(r["loss_mse"] + r["loss_perceptual"] for r in rows[-5:]) / 5
+    assert end < 0.6 * start, f"MSE+EA-DISTS {start:.4f} -> {end:.4f}"
+    gap = sum(r["d_real"] - r["d_fake"] for r in rows[-10:]) / 10
+    assert gap > 1.0, f"discriminator logit gap D(real) - D(fake) = {gap:.3f}"
+
+
+def _losses(log_path: str) -> dict[int, dict]:
+    with open(log_path) as f:
+        return {row["step"]: row for row in map(json.loads, f)}
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, setup):
+    keys = ("loss_d", "loss_g", "loss_mse", "loss_perceptual", "loss_gan", "d_real", "d_fake")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir()
+    cut_dir.mkdir()
+    assert train(load_config(write_config(full_dir, setup))) == 0
+    full = _losses(str(full_dir / "out" / "log.jsonl"))
+    assert train(load_config(write_config(cut_dir, setup, train={"steps": 2}))) == 0
+    assert train(load_config(write_config(cut_dir, setup)), resume=True) == 0
+    resumed = _losses(str(cut_dir / "out" / "log.jsonl"))
+    assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in keys:
+            assert abs(full[step][k] - resumed[step][k]) <= 1e-6, (step, k, full[step][k], resumed[step][k])
+    # The losses do change from step to step (the comparison is not trivially equal).
+    assert full[3]["loss_g"] != full[4]["loss_g"]
+
+
+def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
+    import comfy.sd
+
+    from d3sr_core import pipeline
+    from d3sr_core.model import load_d3sr
+    from d3sr_core.weight_format import read_weights, write_weights
+
+    cfg = load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2}))
+    trainer = Trainer(cfg)
+    for _ in range(2):
+        trainer.train_step([fixed_batch()])
+    path = str(tmp_path / "exported.safetensors")
+    write_weights(path, trainer.export_weights())
+    weights = read_weights(path)
+    assert weights.training["step"] == 2 and weights.training["config"]["train"]["crop"] == 16
+    assert weights.timestep == 399 and weights.lora_rank == 4
+    assert any(float(b.abs().max()) > 0 for _a, b, _ in weights.lora.values())
+
+    lr = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(1))
+    ours = trainer.G.super_resolve(lr, 4.0)
+    # A fresh copy of the checkpoint: the trainer's own modules carry its LoRA hooks.
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(setup["generator"])
+    d3sr = load_d3sr(model, vae, path)
+    theirs = pipeline.upscale(d3sr, lr.movedim(1, -1), 4.0, "none").movedim(-1, 1)
+    assert theirs.shape == ours.shape == (1, 3, 36, 44)
+    assert (theirs - ours).abs().max().item() < 1e-4
+    # ...and the trained LoRA matters: the base model alone gives something else.
+    trainer.G.lora.enabled = False
+    plain = trainer.G.super_resolve(lr, 4.0)
+    assert (plain - ours).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["missing_generator", "sdxl_as_generator", "sd2_as_discriminator",
+                                  "empty_folder", "small_images", "bad_timestep"])
+def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys):
+    from PIL import Image
+    models = {"generator": setup["generator"], "discriminator": setup["discriminator"]}
+    data = {"folders": [setup["data"]]}
+    extra = {}
+    expected = {
+        "missing_generator": "generator (SD2.1-base) checkpoint not found",
+        "sdxl_as_generator": "generator checkpoint",
+        "sd2_as_discriminator": "discriminator checkpoint",
+        "empty_folder": "no images",
+        "small_images": "smaller than the 16x16 crop",
+        "bad_timestep": "T_L",
+    }[case]
+    if case == "missing_generator":
+        models["generator"] = str(tmp_path / "nope.safetensors")
+    elif case == "sdxl_as_generator":
+        models["generator"] = setup["discriminator"]
+    elif case == "sd2_as_discriminator":
+        models["discriminator"] = setup["generator"]
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        data["folders"] = [str(tmp_path / "empty")]
+    elif case == "small_images":
+        (tmp_path / "small").mkdir()
+        Image.new("RGB", (12, 40)).save(tmp_path / "small" / "a.png")
+        data["folders"] = [str(tmp_path / "small")]
+    elif case == "bad_timestep":
+        extra["generator"] = {"timestep": 0}
+    config = write_config(tmp_path, setup, models=models, data=data, **extra)
+    assert main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
