@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.signal import correlate2d
 
@@ -104,3 +105,28 @@ def test_missing_ground_truth_is_an_error(tmp_path, capsys):
     code = evaluate.main(["--outputs", str(tmp_path / "out"), "--gt", str(tmp_path / "gt"), "--quiet"])
     assert code == 2
     assert "no ground truth" in capsys.readouterr().err
+
+
+def test_matlab_half_resize_keeps_constants_and_averages_ramps():
+    from training.niqe import matlab_imresize_half
+
+    constant = torch.full((20, 24), 7.0, dtype=torch.float64)
+    torch.testing.assert_close(matlab_imresize_half(constant), torch.full((10, 12), 7.0, dtype=torch.float64))
+    ramp = torch.arange(24, dtype=torch.float64).repeat(20, 1)
+    half = matlab_imresize_half(ramp)
+    # away from the mirrored borders, output column j sits between inputs 2j and 2j+1
+    torch.testing.assert_close(half[:, 3:9], (2 * torch.arange(3, 9, dtype=torch.float64) + 0.5).repeat(10, 1))
+
+
+def test_niqe_prefers_the_sharp_image():
+    from training.niqe import NIQE
+
+    if not DATA.is_dir():
+        pytest.skip(f"test data not found at {DATA}")
+    image = evaluate.load_image(DATA / "HR" / "Canon_001_LR4.png")[..., :288, :288]
+    blurred = torch.nn.functional.avg_pool2d(image, 4)
+    blurred = torch.nn.functional.interpolate(blurred, scale_factor=4, mode="bilinear")
+    scores = NIQE()(torch.cat([image, blurred]))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert 2.0 < scores[0].item() < 15.0
+    assert scores[1].item() > scores[0].item() + 1.0
