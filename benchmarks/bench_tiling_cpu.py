@@ -1,0 +1,291 @@
+"""CPU benchmark of the tiled D3SR path with small seeded models (d3sr_core.synthetic).
+
+Measures, each run in a fresh subprocess (so ru_maxrss is that run's own peak):
+  - peak process memory and time per output megapixel for 1024^2, 2048^2, 4096^2 outputs
+    through `tiling.upscale_tiled` (x4 from 256^2, 512^2, 1024^2 inputs)
+  - untiled (`pipeline.upscale`) against tiled where both fit, and a tile / overlap sweep
+  - our tiled VAE against ComfyUI's `VAE.encode_tiled` / `decode_tiled` (time, distance to the
+    untiled VAE, and the seam measure of tests/test_tiling.py) with the full-size KL VAE
+Writes benchmarks/results/tiling_cpu.md.
+
+Models: the tiny SD2 UNet of the tests (37 M parameters). The VAE is ComfyUI's AutoencoderKL
+either with SD's real config (`--vae kl`, 84 M parameters, about 7 TFLOP per output megapixel
+for encode + decode, too slow on 2 cores for 4096^2) or the same architecture at 1/4 width
+with one res block per level (`--vae small`, the default for the size sweep). Weights are
+random, so only time and memory mean anything, not the images.
+
+Run: python benchmarks/bench_tiling_cpu.py [--quick] [--sizes 1024 2048 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "tiling_cpu.md")
+SMALL_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+             "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
+             "dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------- child side
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_models(work: str, vae_kind: str):
+    """(D3SRModel) from the files in `work`, with the KL or the small VAE."""
+    sys.path.insert(0, ROOT)
+    from d3sr_core import host
+    host.import_comfy(cpu=True)
+    import comfy.sd
+    import comfy.utils
+
+    from d3sr_core.model import load_d3sr
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(os.path.join(work, "tiny-sd2.safetensors"))
+    if vae_kind == "small":
+        sd = comfy.utils.load_torch_file(os.path.join(work, "small-vae.safetensors"))
+        vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": SMALL_VAE, "embed_dim": 4}})
+    return load_d3sr(model, vae, os.path.join(work, "tiny-t399.safetensors"))
+
+
+def lr_image(size: int, factor: float = 4.0):
+    """IMAGE [1, size/f, size/f, 3]: smooth colours plus seeded noise, in [0, 1]."""
+    import torch
+    n = round(size / factor)
+    gen = torch.Generator().manual_seed(size)
+    y, x = torch.linspace(0, 1, n)[:, None], torch.linspace(0, 1, n)[None, :]
+    base = torch.stack([0.5 + 0.3 * torch.sin(6.3 * (x + y + p)) for p in (0, 0.3, 0.6)], -1)
+    return (base + 0.05 * torch.randn(n, n, 3, generator=gen)).clamp(0, 1)[None]
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    d3sr = load_models(args.work, args.vae)
+    from d3sr_core import pipeline, tiling
+    loaded = _rss_mb()
+    # Warm-up on a small image (kernel selection, lazy allocations), not timed.
+    tiling.upscale_tiled(d3sr, lr_image(64), 4.0, "adain", tile=64, overlap=16, vae_tile=64)
+    image = lr_image(args.size)
+    t0 = time.perf_counter()
+    if args.mode == "plain":
+        out = pipeline.upscale(d3sr, image, 4.0, "adain")
+    else:
+        out = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=args.tile, overlap=args.overlap,
+                                   vae_tile=args.vae_tile)
+    seconds = time.perf_counter() - t0
+    assert out.shape == (1, args.size, args.size, 3) and torch.isfinite(out).all()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_mb": peak, "loaded_mb": loaded}))
+
+
+def vae_child(args: argparse.Namespace) -> None:
+    """Our tiled VAE vs ComfyUI's encode_tiled/decode_tiled on one image (KL VAE)."""
+    import torch
+    d3sr = load_models(args.work, "kl")
+    from d3sr_core import tiling
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    n, tile = args.size, args.vae_tile
+    img = lr_image(n, 1.0)                                                  # [1, n, n, 3]
+    px = img.movedim(-1, 1)
+    vae = d3sr.vae
+    res = {}
+    with torch.no_grad():
+        vae.decode(vae.encode(img[:, :64, :64]))                           # warm-up
+        t0 = time.perf_counter()
+        ref = vae.decode(vae.encode(img))
+        res["untiled_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z = tiling.tiled_encode(d3sr, px, (n, n), tile)
+        ours = torch.zeros(1, 3, n, n)
+        tiling.tiled_decode_(d3sr, z, ours, tile)
+        res["ours_s"] = time.perf_counter() - t0
+        ours = ours.movedim(1, -1)
+        t0 = time.perf_counter()
+        zc = vae.encode_tiled(img, tile_x=tile, tile_y=tile, overlap=tiling.VAE_OVERLAP)
+        comfy_out = vae.decode_tiled(zc, tile_x=tile // 8, tile_y=tile // 8, overlap=tiling.VAE_OVERLAP // 8)
+        res["comfy_s"] = time.perf_counter() - t0
+    from test_tiling import border_ratio
+    grid = tiling.TileGrid(n // 8, n // 8, tile // 8, tiling.VAE_OVERLAP // 8)
+    ours_b = {8 * v for s in grid.rows for v in (s.start, s.stop)} - {0, n}
+    comfy_b = comfy_borders(n, tile, tiling.VAE_OVERLAP)
+    for name, out, borders in (("untiled", ref, ours_b), ("ours", ours, ours_b),
+                               ("comfy", comfy_out, comfy_b)):
+        res[f"{name}_mae"] = (out - ref).abs().mean().item()
+        res[f"{name}_seam"] = max(border_ratio(out, borders, 1), border_ratio(out, borders, 2))
+    print("RESULT " + json.dumps(res))
+
+
+def comfy_borders(n: int, tile: int, overlap: int) -> set[int]:
+    """Pixel lines where a tile of ComfyUI's tiled_scale starts or ends, for its three encode
+    passes (pixel tiles) and three decode passes (latent tiles), on an n x n image."""
+    out = set()
+    for t, ov, unit in ((tile, overlap, 1), (tile // 8, overlap // 8, 8)):
+        length = n // unit
+        for size in (t, t // 2, t * 2):
+            if length <= size:
+                continue
+            for it in range(0, length - ov, size - ov):
+                pos = max(0, min(length - ov, it))
+                out |= {pos * unit, (pos + min(size, length - pos)) * unit}
+    return out - {0, n}
+
+
+# ----------------------------------------------------------------------------- parent side
+def make_models(work: str) -> None:
+    sys.path.insert(0, ROOT)
+    from d3sr_core import host
+    host.import_comfy(cpu=True)
+    from d3sr_core import synthetic
+    from d3sr_core.weight_format import atomic_save_safetensors, write_weights
+    synthetic.write_checkpoint(os.path.join(work, "tiny-sd2.safetensors"), seed=0)
+    unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
+    write_weights(os.path.join(work, "tiny-t399.safetensors"), synthetic.random_d3sr_weights(unet, seed=10))
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    small = synthetic.seeded_init_(AutoencoderKL(ddconfig=SMALL_VAE, embed_dim=4), 7)
+    atomic_save_safetensors(os.path.join(work, "small-vae.safetensors"),
+                            {k: v.contiguous() for k, v in small.state_dict().items()}, {})
+
+
+def run_child(work: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--work", work, *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            out = json.loads(line[7:])
+            out["wall_s"] = time.time() - t0
+            print("  ", " ".join(extra), "->", {k: round(v, 3) for k, v in out.items()}, flush=True)
+            return out
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    import torch
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, "
+            f"{mem:.0f} GiB RAM, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--quick", action="store_true", help="skip the sweep and the VAE comparison")
+    p.add_argument("--vae-size", type=int, default=256, help="image size for the VAE comparison")
+    p.add_argument("--out", default=RESULTS)
+    # child options
+    p.add_argument("--work")
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--vae-child", action="store_true")
+    p.add_argument("--mode", default="tiled")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--vae-tile", type=int, default=0)
+    p.add_argument("--vae", default="small")
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.vae_child:
+        return vae_child(args)
+
+    sys.path.insert(0, ROOT)
+    from d3sr_core import host
+    host.import_comfy(cpu=True)
+    from d3sr_core import tiling
+    started, load0 = time.time(), os.getloadavg()
+    lines = [f"# Tiled D3SR on CPU\n\nMachine: {machine()}.\n",
+             f"Load average at start {load0[0]:.1f} (other jobs shared the cores; times are noisy).\n",
+             f"Command: `python benchmarks/bench_tiling_cpu.py {' '.join(sys.argv[1:])}`\n"]
+    with tempfile.TemporaryDirectory() as work:
+        make_models(work)
+        # 1. sizes: memory and time per MP through the tiled path (defaults)
+        print("sizes (tiled, small VAE)", flush=True)
+        sizes = {}
+        for s in args.sizes:
+            sizes[s] = run_child(work, ["--child", "--size", str(s), "--tile", str(tiling.DEFAULT_TILE),
+                                        "--overlap", str(tiling.DEFAULT_OVERLAP)])
+        lines.append("\n## Output size: peak memory and time per megapixel (tiled, defaults)\n")
+        lines.append(f"Tiny SD2 UNet + small VAE, x4, tile {tiling.DEFAULT_TILE} px, overlap "
+                     f"{tiling.DEFAULT_OVERLAP} px, VAE tile automatic ({tiling.VAE_TILE_CPU} px on CPU). "
+                     "Peak = ru_maxrss of a fresh process (models + runtime included); 'after load' = "
+                     "RSS once the models are loaded.\n")
+        lines.append("| output | peak RSS (MB) | after load (MB) | time (s) | s per MP |")
+        lines.append("|---|---|---|---|---|")
+        for s, r in sizes.items():
+            lines.append(f"| {s}x{s} | {r['peak_mb']:.0f} | {r['loaded_mb']:.0f} | {r['seconds']:.1f} | "
+                         f"{r['seconds'] / (s * s / 1e6):.2f} |")
+        lo, hi = min(sizes), max(sizes)
+        if lo != hi:
+            mem_ratio = sizes[hi]["peak_mb"] / sizes[lo]["peak_mb"]
+            t_ratio = (sizes[hi]["seconds"] / hi ** 2) / (sizes[lo]["seconds"] / lo ** 2)
+            lines.append(f"\nPeak {hi}^2 / {lo}^2 = **{mem_ratio:.2f}x** (goal <= 1.5x: "
+                         f"{'met' if mem_ratio <= 1.5 else 'NOT met'}). Time per MP {hi}^2 / {lo}^2 = "
+                         f"**{t_ratio:.2f}x** (goal <= 1.25x: {'met' if t_ratio <= 1.25 else 'NOT met'}).\n")
+
+        # 2. untiled vs tiled where both fit
+        print("untiled vs tiled", flush=True)
+        lines.append("\n## Tiled against untiled (where both fit)\n")
+        lines.append("| output | untiled (s) | untiled peak (MB) | tiled (s) | tiled peak (MB) "
+                     "| tiled / untiled time |")
+        lines.append("|---|---|---|---|---|---|")
+        for s in (512, 1024):
+            plain = run_child(work, ["--child", "--mode", "plain", "--size", str(s)])
+            tiled = sizes.get(s) or run_child(work, ["--child", "--size", str(s)])
+            lines.append(f"| {s}x{s} | {plain['seconds']:.1f} | {plain['peak_mb']:.0f} | {tiled['seconds']:.1f} "
+                         f"| {tiled['peak_mb']:.0f} | {tiled['seconds'] / plain['seconds']:.2f} |")
+
+        if not args.quick:
+            # 3. tile / overlap sweep at 1024^2
+            print("sweep", flush=True)
+            lines.append("\n## Tile and overlap sweep (1024x1024 output, small VAE)\n")
+            lines.append("| tile (px) | overlap (px) | VAE tile (px) | time (s) | peak RSS (MB) |")
+            lines.append("|---|---|---|---|---|")
+            for tile, ov, vt in ((256, 64, 512), (512, 128, 512), (1024, 64, 512)):
+                r = run_child(work, ["--child", "--size", "1024", "--tile", str(tile), "--overlap", str(ov),
+                                     "--vae-tile", str(vt)])
+                lines.append(f"| {tile} | {ov} | {vt} | {r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+
+            # 4. our tiled VAE vs ComfyUI's, full-size KL VAE
+            print("VAE comparison (KL)", flush=True)
+            n, vt = args.vae_size, args.vae_size // 2
+            r = run_child(work, ["--vae-child", "--size", str(n), "--vae-tile", str(vt)])
+            lines.append(f"\n## Tiled VAE: ours against ComfyUI's encode_tiled/decode_tiled\n\n"
+                         f"SD's full KL VAE, a {n}x{n} image encoded and decoded with {vt} px tiles, "
+                         f"{tiling.VAE_OVERLAP} px overlap. 'MAE' = mean |tiled - untiled| in [0, 1]; "
+                         "'seam' = the test's border/interior difference ratio at tile borders.\n")
+            lines.append("| VAE path | time (s) | MAE to untiled | seam ratio |")
+            lines.append("|---|---|---|---|")
+            for name, label in (("untiled", "untiled"), ("ours", "ours (1 pass, raised-cosine)"),
+                                ("comfy", "ComfyUI (3 passes, linear feather)")):
+                lines.append(f"| {label} | {r[name + '_s']:.1f} | {r[name + '_mae']:.4f} | "
+                             f"{r[name + '_seam']:.2f} |")
+    load1 = os.getloadavg()
+    lines.append(f"\nTotal benchmark wall time {time.time() - started:.0f} s; load average at end "
+                 f"{load1[0]:.1f}.\n")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
