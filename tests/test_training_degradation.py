@@ -52,6 +52,17 @@ def test_same_seed_same_output_and_other_seed_differs(degrade):
     assert not torch.equal(a, c)
 
 
+def test_without_generator_the_global_seed_decides(degrade):
+    hr = _smooth_images(batch=1, size=32)
+    torch.manual_seed(11)
+    a = degrade(hr)
+    torch.manual_seed(11)
+    b = degrade(hr)
+    c = degrade(hr)
+    assert torch.equal(a, b)
+    assert not torch.equal(b, c)
+
+
 def test_rejects_sizes_not_divisible_by_scale(degrade):
     with pytest.raises(ValueError, match="divisible"):
         degrade(torch.rand(1, 3, 30, 32))

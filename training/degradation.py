@@ -189,8 +189,11 @@ def _final_kernel(gen: torch.Generator, cfg: DegradationConfig) -> torch.Tensor:
 
 
 def _blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Per-sample filtering with (B, k, k) kernels, reflect padding."""
-    return kornia.filters.filter2d(images, kernels.to(images), border_type="reflect")
+    """Per-sample filtering with (B, k, k) kernels, reflect padding (replicate for images
+    too small to reflect k // 2 pixels, e.g. tiny test crops after a strong down-resize)."""
+    half = kernels.shape[-1] // 2
+    border = "reflect" if min(images.shape[-2:]) > half else "replicate"
+    return kornia.filters.filter2d(images, kernels.to(images), border_type=border)
 
 
 def add_gaussian_noise(
@@ -277,14 +280,19 @@ class RealESRGANDegradation:
         return jpeg(images, quality)
 
     def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1], H and W divisible by scale -> (B, 3, H/scale, W/scale)."""
+        """(B, 3, H, W) in [0, 1], H and W divisible by scale -> (B, 3, H/scale, W/scale).
+
+        ``generator``: a CPU torch.Generator; None draws its seed from torch's global RNG.
+        """
         cfg = self.config
         if hr.ndim != 4 or hr.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) images, got {tuple(hr.shape)}")
         b, _, h, w = hr.shape
         if h % cfg.scale or w % cfg.scale:
             raise ValueError(f"H and W ({h}, {w}) must be divisible by scale {cfg.scale}")
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        if generator is None:  # follow torch's global seed (torch.manual_seed)
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        gen = generator
         if gen.device.type != "cpu":
             raise ValueError("pass a CPU torch.Generator; noise images use a device generator seeded from it")
         dev_gen = torch.Generator(device=hr.device)

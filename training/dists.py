@@ -149,9 +149,11 @@ def sobel_magnitude(image: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     grey = mean of R, G, B; Gx = [[-1,0,1],[-2,0,2],[-1,0,1]] (unnormalised), Gy = Gx^T;
     S = sqrt(Gx*grey^2 + Gy*grey^2 + eps), with replicate padding at the borders (kornia's).
     ``eps`` keeps the gradient finite where the image is flat (sqrt(eps) = 1e-6 offset).
+    Always computed in fp32, also under autocast.
     """
-    grey = image.mean(dim=1, keepdim=True)
-    return kornia.filters.sobel(grey.float(), normalized=False, eps=eps)
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        grey = image.float().mean(dim=1, keepdim=True)
+        return kornia.filters.sobel(grey, normalized=False, eps=eps)
 
 
 class EADISTS(nn.Module):
