@@ -16,6 +16,7 @@ from training.degradation import (
     jpeg,
     random_blur_kernel,
     sinc_kernel,
+    usm_sharpen,
 )
 
 
@@ -93,7 +94,9 @@ def test_noise_stage_of_the_pipeline_follows_its_config():
         kernel_probs=(1, 0, 0, 0, 0, 0), blur_sigma=(1e-3, 1e-3), sinc_prob=0.0,
         resize_probs=(0, 0, 1), gaussian_noise_prob=1.0, noise_range=(0, 0), jpeg_range=(100, 100),
     )
-    cfg = DegradationConfig(scale=1, first=first, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0)
+    cfg = DegradationConfig(
+        scale=1, first=first, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0, usm_sharpen=False
+    )
     flat = torch.full((2, 3, 64, 64), 0.5)
     lr = RealESRGANDegradation(cfg)(flat, torch.Generator().manual_seed(3))
     measured = (lr - 0.5).std().item() * 255
@@ -148,3 +151,15 @@ def test_sinc_kernel_centre_value():
     kernel = sinc_kernel(21, math.pi / 2)
     assert kernel.argmax().item() == 10 * 21 + 10
     assert abs(kernel.sum().item() - 1) < 1e-12
+
+
+def test_usm_sharpening_raises_edge_contrast_and_leaves_flat_areas():
+    step = torch.full((1, 3, 64, 64), 0.3)
+    step[..., 32:] = 0.7
+    sharp = usm_sharpen(step)
+    assert sharp.min().item() >= 0 and sharp.max().item() <= 1
+    # overshoot next to the edge, nothing far from it
+    assert sharp[0, 0, 5, 33].item() > 0.7 + 0.02 and sharp[0, 0, 5, 30].item() < 0.3 - 0.02
+    torch.testing.assert_close(sharp[..., :2], step[..., :2], atol=1e-3, rtol=0)
+    flat = torch.full((1, 3, 40, 40), 0.5)
+    torch.testing.assert_close(usm_sharpen(flat), flat)

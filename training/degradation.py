@@ -3,6 +3,8 @@
 HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H / scale, W / scale) in [0, 1], quantised to
 multiples of 1/255. Stages, with Real-ESRGAN's default parameters (``DegradationConfig``):
 
+0. unsharp masking of the HR (Real-ESRGAN degrades the sharpened image; ``usm_sharpen``
+   is public so a training loop can sharpen its targets the same way);
 1. blur with a per-sample random kernel (iso / aniso Gaussian, generalised Gaussian,
    plateau, or with ``sinc_prob`` a sinc low-pass), kernel size odd in [7, 21], padded to 21;
 2. random resize (up / down / keep; area, bilinear or bicubic);
@@ -45,6 +47,7 @@ __all__ = [
     "jpeg",
     "random_blur_kernel",
     "sinc_kernel",
+    "usm_sharpen",
 ]
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -88,6 +91,7 @@ class DegradationConfig:
     kernel_size_min: int = 7
     first: StageConfig = field(default_factory=StageConfig)
     second: StageConfig = field(default_factory=_second_stage)
+    usm_sharpen: bool = True  # Real-ESRGAN degrades the unsharp-masked HR, see usm_sharpen()
     second_blur_prob: float = 0.8
     final_sinc_prob: float = 0.8
     final_jpeg_first_prob: float = 0.5  # order of the last JPEG and resize + sinc
@@ -237,6 +241,19 @@ def jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     return kornia.enhance.jpeg_codec_differentiable(images.clamp(0, 1).float(), quality).to(images.dtype)
 
 
+def usm_sharpen(images: torch.Tensor, weight: float = 0.5, threshold: float = 10.0) -> torch.Tensor:
+    """Real-ESRGAN's unsharp mask (radius 50 -> 51x51 Gaussian, sigma 8, as OpenCV derives it):
+    sharpened = clamp(I + weight (I - blur(I))), blended in where |I - blur(I)| * 255 > threshold,
+    with that mask softened by the same blur. (B, C, H, W) in [0, 1] -> same."""
+    border = "reflect" if min(images.shape[-2:]) > 25 else "replicate"
+    blur = kornia.filters.gaussian_blur2d(images, (51, 51), (8.0, 8.0), border_type=border)
+    residual = images - blur
+    mask = (residual.abs() * 255 > threshold).to(images.dtype)
+    soft = kornia.filters.gaussian_blur2d(mask, (51, 51), (8.0, 8.0), border_type=border)
+    sharp = (images + weight * residual).clamp(0, 1)
+    return soft * sharp + (1 - soft) * images
+
+
 # ----------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------
@@ -297,7 +314,7 @@ class RealESRGANDegradation:
             raise ValueError("pass a CPU torch.Generator; noise images use a device generator seeded from it")
         dev_gen = torch.Generator(device=hr.device)
         dev_gen.manual_seed(int(torch.randint(2**62, (), generator=gen)))
-        out = hr.float()
+        out = usm_sharpen(hr.float()) if cfg.usm_sharpen else hr.float()
 
         # First order.
         kernels = torch.stack([random_blur_kernel(gen, cfg.first, cfg) for _ in range(b)])
