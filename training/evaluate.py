@@ -179,14 +179,18 @@ def to_csv(result: EvaluationResult) -> str:
 
 
 def to_json(result: EvaluationResult, outputs: str, gt: str, crop: int) -> str:
-    """JSON text with settings, means, per-image values and the metrics not computed."""
+    """JSON text with settings, means, per-image values and the metrics not computed
+    (non-finite values, e.g. a NaN NIQE of a featureless image, become null)."""
+    def finite(value):
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+
     payload = {
         "outputs": str(outputs),
         "gt": str(gt),
         "crop_border": crop,
         "count": len(result.rows),
-        "mean": result.mean,
-        "per_image": result.rows,
+        "mean": {k: finite(v) for k, v in result.mean.items()},
+        "per_image": [{k: finite(v) for k, v in row.items()} for row in result.rows],
         "not_computed": result.not_computed,
     }
     return json.dumps(payload, indent=2, allow_nan=False) + "\n"
