@@ -88,7 +88,22 @@ def osediff_graph() -> list[Node]:
     ]
 
 
-WORKFLOWS = {"d3sr_upscale_x4": upscale_graph, "osediff_upscale_x4": osediff_graph}
+def tiled_graph() -> list[Node]:
+    """D3SR at any output size: the tiled node with its default tiles (VAE tile automatic)."""
+    return [
+        checkpoint_node(1),
+        d3sr_loader_node(2, 1),
+        load_image_node(3),
+        Node(4, "D3SRTiledUpscale", {"upscale_by": 4.0, "colour_fix": "adain", "tile_size": 512,
+                                     "tile_overlap": 64, "vae_tile_size": 0},
+             inputs={"d3sr_model": (2, 0), "image": (3, 0)},
+             input_types={"d3sr_model": "D3SR_MODEL", "image": "IMAGE"}, outputs=[("IMAGE", "IMAGE")]),
+        save_image_node(5, 4, "D3SR/x4_tiled"),
+    ]
+
+
+WORKFLOWS = {"d3sr_upscale_x4": upscale_graph, "osediff_upscale_x4": osediff_graph,
+             "d3sr_tiled_upscale_x4": tiled_graph}
 
 
 def to_api(graph: list[Node]) -> dict:
