@@ -60,8 +60,12 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Put the previous handlers back (train() called in-process, e.g. by tests)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
         if self.signum is None:
@@ -413,6 +417,14 @@ def _barrier(world: int) -> None:
 
 def train(cfg: Config, resume: str | bool | None = None) -> int:
     """Run (or resume) training as configured; returns the process exit code."""
+    stop = StopSignal()
+    try:
+        return _train(cfg, resume, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
     from d3sr_core import host
     rank, world, local_rank = init_distributed()
     device = resolve_device(cfg, local_rank)
@@ -424,7 +436,6 @@ def train(cfg: Config, resume: str | bool | None = None) -> int:
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .data import CropDataset, ResumableShardSampler, list_images, scan_images
 
-    stop = StopSignal()
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     # Data is scanned once (rank 0) and shared, so every rank sees the same file list.
     box = [None]
