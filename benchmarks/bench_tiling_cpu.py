@@ -98,29 +98,30 @@ def vae_child(args: argparse.Namespace) -> None:
     from d3sr_core import tiling
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     n, tile = args.size, args.vae_tile
+    overlap = tile // 4     # ComfyUI's passes use tile / 2 strips, so the overlap must stay below that
     img = lr_image(n, 1.0)                                                  # [1, n, n, 3]
     px = img.movedim(-1, 1)
     vae = d3sr.vae
     res = {}
-    with torch.no_grad():
+    with torch.inference_mode():      # as ComfyUI runs nodes (its tiled VAE needs it)
         vae.decode(vae.encode(img[:, :64, :64]))                           # warm-up
         t0 = time.perf_counter()
         ref = vae.decode(vae.encode(img))
         res["untiled_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        z = tiling.tiled_encode(d3sr, px, (n, n), tile)
+        z = tiling.tiled_encode(d3sr, px, (n, n), tile, overlap)
         ours = torch.zeros(1, 3, n, n)
-        tiling.tiled_decode_(d3sr, z, ours, tile)
+        tiling.tiled_decode_(d3sr, z, ours, tile, overlap)
         res["ours_s"] = time.perf_counter() - t0
         ours = ours.movedim(1, -1)
         t0 = time.perf_counter()
-        zc = vae.encode_tiled(img, tile_x=tile, tile_y=tile, overlap=tiling.VAE_OVERLAP)
-        comfy_out = vae.decode_tiled(zc, tile_x=tile // 8, tile_y=tile // 8, overlap=tiling.VAE_OVERLAP // 8)
+        zc = vae.encode_tiled(img, tile_x=tile, tile_y=tile, overlap=overlap)
+        comfy_out = vae.decode_tiled(zc, tile_x=tile // 8, tile_y=tile // 8, overlap=overlap // 8)
         res["comfy_s"] = time.perf_counter() - t0
     from test_tiling import border_ratio
-    grid = tiling.TileGrid(n // 8, n // 8, tile // 8, tiling.VAE_OVERLAP // 8)
+    grid = tiling.TileGrid(n // 8, n // 8, tile // 8, overlap // 8)
     ours_b = {8 * v for s in grid.rows for v in (s.start, s.stop)} - {0, n}
-    comfy_b = comfy_borders(n, tile, tiling.VAE_OVERLAP)
+    comfy_b = comfy_borders(n, tile, overlap)
     for name, out, borders in (("untiled", ref, ours_b), ("ours", ours, ours_b),
                                ("comfy", comfy_out, comfy_b)):
         res[f"{name}_mae"] = (out - ref).abs().mean().item()
@@ -159,7 +160,16 @@ def make_models(work: str) -> None:
                             {k: v.contiguous() for k, v in small.state_dict().items()}, {})
 
 
+CACHE: dict = {}
+
+
 def run_child(work: str, extra: list[str]) -> dict:
+    """Run one measurement in a fresh process; results are kept in the --cache file, so a rerun
+    after a failure repeats only what is missing."""
+    key = " ".join(extra)
+    if key in CACHE.get("runs", {}):
+        print("   (cached)", key, flush=True)
+        return CACHE["runs"][key]
     cmd = [sys.executable, os.path.abspath(__file__), "--work", work, *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -168,6 +178,10 @@ def run_child(work: str, extra: list[str]) -> dict:
             out = json.loads(line[7:])
             out["wall_s"] = time.time() - t0
             print("  ", " ".join(extra), "->", {k: round(v, 3) for k, v in out.items()}, flush=True)
+            if CACHE.get("path"):
+                CACHE.setdefault("runs", {})[key] = out
+                with open(CACHE["path"], "w") as f:
+                    json.dump(CACHE["runs"], f, indent=1)
             return out
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
@@ -191,6 +205,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="skip the sweep and the VAE comparison")
     p.add_argument("--vae-size", type=int, default=256, help="image size for the VAE comparison")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--cache", help="JSON file keeping each measurement (reused by a rerun)")
     # child options
     p.add_argument("--work")
     p.add_argument("--child", action="store_true")
@@ -211,6 +226,11 @@ def main() -> None:
     from d3sr_core import host
     host.import_comfy(cpu=True)
     from d3sr_core import tiling
+    if args.cache:
+        CACHE["path"] = args.cache
+        if os.path.exists(args.cache):
+            with open(args.cache) as f:
+                CACHE["runs"] = json.load(f)
     started, load0 = time.time(), os.getloadavg()
     lines = [f"# Tiled D3SR on CPU\n\nMachine: {machine()}.\n",
              f"Load average at start {load0[0]:.1f} (other jobs shared the cores; times are noisy).\n",
@@ -270,7 +290,7 @@ def main() -> None:
             r = run_child(work, ["--vae-child", "--size", str(n), "--vae-tile", str(vt)])
             lines.append(f"\n## Tiled VAE: ours against ComfyUI's encode_tiled/decode_tiled\n\n"
                          f"SD's full KL VAE, a {n}x{n} image encoded and decoded with {vt} px tiles, "
-                         f"{tiling.VAE_OVERLAP} px overlap. 'MAE' = mean |tiled - untiled| in [0, 1]; "
+                         f"{vt // 4} px overlap (both paths). 'MAE' = mean |tiled - untiled| in [0, 1]; "
                          "'seam' = the test's border/interior difference ratio at tile borders.\n")
             lines.append("| VAE path | time (s) | MAE to untiled | seam ratio |")
             lines.append("|---|---|---|---|")
