@@ -69,6 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ema_decay: float | None = None    # EMA of the generator LoRA + embedding; exported when set
     timestep_sharing: bool = True     # ours: real and fake of one sample share t (noise differs)
+    d_timesteps: tuple[int, int] = (0, 999)  # range of the discriminator's t (paper: U{0..999})
 
 
 @dataclass
@@ -153,6 +154,8 @@ def validate(cfg: Config) -> Config:
         one_of(cfg.device, ("auto", "cpu", "cuda"), "device"),
         (t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1) or null"),
         (cfg.log.checkpoint_every >= 1, "log.checkpoint_every must be >= 1"),
+        (len(t.d_timesteps) == 2 and 0 <= t.d_timesteps[0] <= t.d_timesteps[1] <= 999,
+         f"train.d_timesteps must be [lo, hi] with 0 <= lo <= hi <= 999, got {list(t.d_timesteps)}"),
     ]
     # Real-ESRGAN's blurs pad by up to 10 pixels (reflect): its smallest intermediate image (crop x
     # 0.15 after the first resize) and the LR (crop / scale) must stay above 21 pixels.

@@ -218,8 +218,9 @@ class Trainer:
         with self._autocast():
             z_l, z_h = self.G.encode(lr_up).float(), self.G.encode(hr).float()
         b = hr.shape[0]
-        t_real = torch.randint(0, 1000, (b,), generator=gen)
-        t_fake = t_real if self.cfg.train.timestep_sharing else torch.randint(0, 1000, (b,), generator=gen)
+        lo, hi = self.cfg.train.d_timesteps
+        t_real = torch.randint(lo, hi + 1, (b,), generator=gen)
+        t_fake = t_real if self.cfg.train.timestep_sharing else torch.randint(lo, hi + 1, (b,), generator=gen)
         n_real = torch.randn(z_h.shape, generator=gen)
         n_fake = torch.randn(z_h.shape, generator=gen)
         dev = self.device
