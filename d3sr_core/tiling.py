@@ -311,8 +311,8 @@ def tile_plan(d3sr: D3SRModel, out_hw: tuple[int, int], tile: int, overlap: int,
             "unet_overlap": unet_overlap, "vae_tile": vt, "steps": sum(counts)}
 
 
-def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str,
-                       out: torch.Tensor, plan: dict, step: Step) -> None:
+def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, colour_fix: str, out: torch.Tensor,
+                       plan: dict, step: Step) -> None:
     """One BCHW [1, 3, h, w] image -> `out` [1, 3, H, W] (a view into the batch result)."""
     out_h, out_w = out.shape[-2:]
     upsampled = F.interpolate(lr.float(), size=(out_h, out_w), mode="bicubic",
@@ -360,7 +360,7 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
         while True:
             oom = False
             try:
-                _upscale_one_tiled(d3sr, lr, factor, colour_fix, result[i: i + 1], plan, step)
+                _upscale_one_tiled(d3sr, lr, colour_fix, result[i: i + 1], plan, step)
                 break
             except mm.OOM_EXCEPTION:
                 oom = True  # retried outside the handler, so the failed tile's tensors are freed
