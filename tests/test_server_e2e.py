@@ -14,7 +14,7 @@ from workflow_check import check_ui_workflow, localise
 ROOT = Path(__file__).resolve().parents[1]
 UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
-OUR_NODES = ("D3SRModelLoader", "D3SRUpscale", "D3SROSEDiffLoader")
+OUR_NODES = ("D3SRModelLoader", "D3SRUpscale", "D3SRTiledUpscale", "D3SROSEDiffLoader")
 TEST_FILES = {"ckpt_name": "tiny-sd2.safetensors", "weights": "tiny-t399.safetensors",
               "image": "lr_test.png"}
 
