@@ -6,13 +6,15 @@ One iteration = one discriminator step, then one generator step:
     L_G = MSE(x_H_hat, x_H) + lambda2 EA-DISTS(x_H_hat, x_H) + lambda1 softplus(-D(F(z_H_hat, t)))
 with z_H = 0.18215 E(x_H), z_H_hat = the generator's one step on the degraded, bicubic-upsampled
 LR, x_H_hat its decoding, F(z, t) = sqrt(abar_t) z + sqrt(1 - abar_t) n, t ~ U{0..999}.
-Data parallel across ranks: each rank runs its share of the batch and the trainable gradients
-are averaged with one all-reduce per network and step (NCCL on GPUs, gloo on CPUs).
+Data parallel across ranks with DistributedDataParallel (NCCL on GPUs, gloo on CPUs): each rank
+runs its share of the batch; DDP averages the trainable gradients (LoRA, head, embedding; the
+frozen networks live outside the wrapped modules), overlapping the all-reduce with backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from .config import Config, load_config
 
@@ -82,20 +85,6 @@ def init_distributed() -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("D3SR_FORCE_GLOO") != "1" else "gloo"
     dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _all_reduce_mean_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    if world <= 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +182,15 @@ class Trainer:
         self.ema = ({k: v.detach().clone() for k, v in self.G.state_dict().items()}
                     if tc.ema_decay else None)
         self.step = 0
-        if world > 1:  # identical seeds already give identical starts; make it explicit
-            for p in [*self.g_params, *self.d_params]:
-                dist.broadcast(p.data, src=0)
+        # DDP wrappers (their construction broadcasts rank 0's parameters); the plain modules
+        # stay self.G / self.D for evaluation, export and the gradient-free uses.
+        self.g_ddp: nn.Module = self.G
+        self.d_ddp: nn.Module = self.D
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g_ddp = DDP(self.G, device_ids=ids, broadcast_buffers=False)
+            self.d_ddp = DDP(self.D, device_ids=ids, broadcast_buffers=False)
 
     # -- randomness ------------------------------------------------------------------------
     def _generator(self, micro: int) -> torch.Generator:
@@ -227,6 +222,12 @@ class Trainer:
         return {"hr": hr, "lr_up": lr_up, "z_l": z_l, "z_h": z_h, "t_real": t_real.to(dev),
                 "t_fake": t_fake.to(dev), "n_real": n_real.to(dev), "n_fake": n_fake.to(dev)}
 
+    def _grad_sync(self, wrapper: nn.Module, last_micro: bool):
+        """DDP all-reduces on the last micro-batch only (gradient accumulation)."""
+        if last_micro or wrapper is self.G or wrapper is self.D:
+            return contextlib.nullcontext()
+        return wrapper.no_sync()
+
     def _clip_and_step(self, params, opt) -> float:
         self.scaler.unscale_(opt)
         clip = self.cfg.optim.grad_clip
@@ -236,53 +237,57 @@ class Trainer:
         return float(norm)
 
     def train_step(self, hr_micro_batches: list[torch.Tensor]) -> dict[str, float]:
-        """One iteration (D step then G step) over this rank's micro-batches; returns the
-        losses of this rank (means over micro-batches)."""
+        """One iteration (D step then G step) over this rank's micro-batches of HR crops
+        (BCHW [0, 1]); returns the losses of this rank (means over micro-batches)."""
+        return self.update([self.prepare(hr, i) for i, hr in enumerate(hr_micro_batches)])
+
+    def update(self, batches: list[dict]) -> dict[str, float]:
+        """The D step then the G step on prepared micro-batches (`prepare`), gradients
+        accumulated over them."""
         from .discriminator import d_loss, g_adv_loss, noise_latent
-        lc, accum = self.cfg.loss, len(hr_micro_batches)
-        batches = [self.prepare(hr, i) for i, hr in enumerate(hr_micro_batches)]
+        lc, accum = self.cfg.loss, len(batches)
         size = tuple(batches[0]["hr"].shape[-2:])
         m: dict[str, float] = {k: 0.0 for k in ("loss_d", "d_real", "d_fake", "loss_g", "loss_mse",
                                                "loss_perceptual", "loss_gan", "d_fake_g")}
 
-        # Discriminator step (generator output without gradient).
-        self.D.requires_grad_(True)
+        # Discriminator step (generator output without gradient); real and fake in one call.
         self.opt_d.zero_grad(set_to_none=True)
-        for b in batches:
+        for i, b in enumerate(batches):
             with torch.no_grad(), self._autocast():
                 z_hat = self.G(b["z_l"]).float()
-            with self._autocast():
-                real = self.D(noise_latent(b["z_h"], b["t_real"], b["n_real"]), b["t_real"], size)
-                fake = self.D(noise_latent(z_hat, b["t_fake"], b["n_fake"]), b["t_fake"], size)
-                loss = d_loss(real, fake)
-            self.scaler.scale(loss / accum).backward()
+            with self._grad_sync(self.d_ddp, i == accum - 1):
+                with self._autocast():
+                    x_t = torch.cat([noise_latent(b["z_h"], b["t_real"], b["n_real"]),
+                                     noise_latent(z_hat, b["t_fake"], b["n_fake"])])
+                    real, fake = self.d_ddp(x_t, torch.cat([b["t_real"], b["t_fake"]]), size).chunk(2)
+                    loss = d_loss(real, fake)
+                self.scaler.scale(loss / accum).backward()
             m["loss_d"] += loss.item() / accum
             m["d_real"] += real.float().mean().item() / accum
             m["d_fake"] += fake.float().mean().item() / accum
-        _all_reduce_mean_grads(self.d_params, self.world)
         m["grad_norm_d"] = self._clip_and_step(self.d_params, self.opt_d)
 
-        # Generator step (discriminator frozen for this backward).
+        # Generator step: the discriminator (unwrapped, parameters frozen) only passes gradients.
         for p in self.d_params:
             p.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
-        for b in batches:
-            with self._autocast():
-                z_hat = self.G(b["z_l"]).float()
-                x_hat = self.G.decode(z_hat)
-                mse = F.mse_loss(x_hat.float(), b["hr"])
-                perc = (self.perceptual(x_hat.float(), b["hr"]).mean() if self.perceptual is not None
-                        else torch.zeros((), device=self.device))
-                fake = self.D(noise_latent(z_hat, b["t_fake"], b["n_fake"]), b["t_fake"], size)
-                adv = g_adv_loss(fake)
-                loss = mse + lc.lambda_perceptual * perc + lc.lambda_gan * adv
-            self.scaler.scale(loss / accum).backward()
+        for i, b in enumerate(batches):
+            with self._grad_sync(self.g_ddp, i == accum - 1):
+                with self._autocast():
+                    z_hat = self.g_ddp(b["z_l"]).float()
+                    x_hat = self.G.decode(z_hat)
+                    mse = F.mse_loss(x_hat.float(), b["hr"])
+                    perc = (self.perceptual(x_hat.float(), b["hr"]).mean() if self.perceptual is not None
+                            else torch.zeros((), device=self.device))
+                    fake = self.D(noise_latent(z_hat, b["t_fake"], b["n_fake"]), b["t_fake"], size)
+                    adv = g_adv_loss(fake)
+                    loss = mse + lc.lambda_perceptual * perc + lc.lambda_gan * adv
+                self.scaler.scale(loss / accum).backward()
             for k, v in (("loss_g", loss), ("loss_mse", mse), ("loss_perceptual", perc), ("loss_gan", adv),
                          ("d_fake_g", fake.float().mean())):
                 m[k] += v.item() / accum
         for p in self.d_params:
             p.requires_grad_(True)
-        _all_reduce_mean_grads(self.g_params, self.world)
         m["grad_norm_g"] = self._clip_and_step(self.g_params, self.opt_g)
         self._update_ema()
         self.step += 1
@@ -398,7 +403,7 @@ def run_eval(trainer: Trainer, out_dir: str) -> dict[str, float]:
     cfg = trainer.cfg
     os.makedirs(out_dir, exist_ok=True)
     for p in folder_images(cfg.log.eval_lr_folder):
-        lr = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+        lr = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
         sr = trainer.G.super_resolve(lr.to(trainer.device), cfg.train.scale)
         arr = (sr[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
         Image.fromarray(arr).save(os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png"))

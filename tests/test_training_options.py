@@ -1,0 +1,142 @@
+"""The trainer's options against plain references (CPU, generated small models): gradient
+accumulation, gradient checkpointing, EMA of the generator, bf16 autocast and evaluation during
+training. Setup and config helpers are test_training_loop's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_training_loop import fixed_batch, write_config
+
+from training.config import load_config
+from training.train import Trainer, prepare_tiny_setup, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return prepare_tiny_setup(str(tmp_path_factory.mktemp("tiny_options")), images=4, size=40)
+
+
+def _split(batch: dict) -> list[dict]:
+    """One prepared batch of B -> B prepared batches of 1."""
+    b = batch["hr"].shape[0]
+    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(b)]
+
+
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The gradients the last update left: D's (from the D step) and G's (from the G step)."""
+    out = {}
+    for prefix, module in (("G.", trainer.G), ("D.", trainer.D)):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None, prefix + name
+                out[prefix + name] = p.grad.detach().clone()
+    return out
+
+
+def _assert_close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(float(a[k].abs().max()), 1e-12)
+        assert float((a[k] - b[k]).abs().max()) <= rtol * scale, k
+    # Not trivially equal: the gradients are not all zero.
+    assert sum(float(v.abs().sum()) for v in a.values()) > 0
+
+
+def _frozen_lr_config(tmp_path, setup, **sections) -> str:
+    """Learning rates 0 and no clipping: the update leaves the raw gradients, weights stay put."""
+    optim = {"lr_generator": 0.0, "lr_discriminator": 0.0, "grad_clip": None, **sections.pop("optim", {})}
+    return write_config(tmp_path, setup, optim=optim, **sections)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, setup):
+    # Two micro-batches of 1 with loss / 2 each must give the gradients of one batch of 2 whose
+    # losses are batch means (MSE, EA-DISTS, the patch-mean GAN terms). Tolerance: float32
+    # summation order, 1e-4 of each tensor's largest gradient (a missing 1/accum would be 0.5).
+    hr = torch.cat([fixed_batch(1, crop=32), fixed_batch(2, crop=32)])
+    one = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32, "batch_size": 2})))
+    batch = one.prepare(hr, 0)
+    one.update([batch])
+    accum = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32, "batch_size": 2},
+                                                  optim={"grad_accum": 2})))
+    assert accum.micro_batch == 1
+    accum.update(_split(batch))
+    _assert_close(_grads(one), _grads(accum), 1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, setup):
+    hr = fixed_batch(4, crop=32)
+    plain = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32})))
+    batch = plain.prepare(hr, 0)
+    m_plain = plain.update([batch])
+    ckpt = Trainer(load_config(_frozen_lr_config(tmp_path, setup,
+                                                 train={"crop": 32, "gradient_checkpointing": True})))
+    m_ckpt = ckpt.update([batch])
+    assert ckpt.D.checkpointing
+    for k in ("loss_d", "loss_g", "loss_mse"):
+        assert abs(m_plain[k] - m_ckpt[k]) <= 1e-6 * max(1.0, abs(m_plain[k])), k
+    _assert_close(_grads(plain), _grads(ckpt), 1e-5)
+
+
+def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
+    decay = 0.8
+    trainer = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
+                                               train={"ema_decay": decay})))
+    expected = {k: v.clone() for k, v in trainer.G.state_dict().items()}   # e_0 = p_0
+    for step in range(3):
+        trainer.train_step([fixed_batch(step)])
+        for k, v in trainer.G.state_dict().items():                         # e_k = d e_(k-1) + (1-d) p_k
+            expected[k] = decay * expected[k] + (1 - decay) * v
+    for k in expected:
+        assert torch.allclose(trainer.ema[k], expected[k], rtol=0, atol=1e-6), k
+    weights = trainer.export_weights()
+    assert weights.training["ema"] is True
+    name = trainer.G.lora.names[0]
+    a, b, _alpha = weights.lora["diffusion_model." + name]
+    key = name.replace(".", "__")
+    assert torch.equal(b, trainer.ema[f"lora.lora_B.{key}"].float())
+    assert torch.equal(a, trainer.ema[f"lora.lora_A.{key}"].float())
+    # ...and it is not simply the live weights.
+    assert not torch.equal(b, trainer.G.lora.lora_B[key].detach())
+
+
+def test_bf16_autocast_step_tracks_fp32(tmp_path, setup):
+    # Mixed precision on the CPU: autocast bf16 with bf16 frozen networks. Its first-step losses
+    # agree with fp32 to bf16's ~3 significant digits (tolerance 3 % relative).
+    hr = fixed_batch(5, crop=32)
+    rows = {}
+    for p in ("fp32", "bf16"):
+        trainer = Trainer(load_config(write_config(tmp_path, setup, train={"crop": 32, "precision": p})))
+        assert trainer.amp_dtype == (None if p == "fp32" else torch.bfloat16)
+        rows[p] = trainer.train_step([hr])
+    assert next(trainer.G.base.diffusion_model.parameters()).dtype == torch.bfloat16
+    for k in ("loss_mse", "loss_perceptual", "loss_d"):
+        assert abs(rows["bf16"][k] - rows["fp32"][k]) <= 0.03 * abs(rows["fp32"][k]), (k, rows)
+
+
+def test_evaluation_during_training_is_logged(tmp_path, setup):
+    from PIL import Image
+    lr_dir, gt_dir = tmp_path / "eval_lr", tmp_path / "eval_gt"
+    lr_dir.mkdir()
+    gt_dir.mkdir()
+    for i in range(2):
+        hr = fixed_batch(10 + i, crop=64)
+        lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True)
+        for img, folder in ((hr, gt_dir), (lr, lr_dir)):
+            arr = (img[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(arr).save(folder / f"im{i}.png")
+    cfg = load_config(write_config(tmp_path, setup, train={"steps": 2},
+                                   log={"eval_lr_folder": str(lr_dir), "eval_gt_folder": str(gt_dir),
+                                        "eval_every": 2, "checkpoint_every": 2}))
+    assert train(cfg) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [2]
+    for k in ("eval/psnr", "eval/ssim", "eval/lpips", "eval/dists"):
+        assert isinstance(evals[0][k], float) and evals[0][k] == evals[0][k], k   # a number, not NaN
+    assert 0 < evals[0]["eval/psnr"] < 60
+    outputs = sorted(p.name for p in (tmp_path / "out" / "eval" / "step-0000002").iterdir())
+    assert outputs == ["im0.png", "im1.png"]
+    assert Image.open(tmp_path / "out" / "eval" / "step-0000002" / "im0.png").size == (64, 64)
