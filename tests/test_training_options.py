@@ -5,6 +5,7 @@ training. Setup and config helpers are test_training_loop's."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -140,3 +141,28 @@ def test_evaluation_during_training_is_logged(tmp_path, setup):
     outputs = sorted(p.name for p in (tmp_path / "out" / "eval" / "step-0000002").iterdir())
     assert outputs == ["im0.png", "im1.png"]
     assert Image.open(tmp_path / "out" / "eval" / "step-0000002" / "im0.png").size == (64, 64)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from training.data import CropDataset, list_images, scan_images
+    folder = tmp_path / "data" / "nested"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (24, 20), (40 * i, 90, 200)).save(folder / f"ok{i}.png")
+    (folder / "garbage.jpg").write_bytes(b"not an image at all")          # header unreadable
+    good = (folder / "ok0.png").read_bytes()
+    (tmp_path / "data" / "truncated.png").write_bytes(good[:60])           # header fine, pixels cut
+    with caplog.at_level(logging.WARNING, logger="d3sr.train"):
+        usable, unreadable = scan_images(list_images([str(tmp_path / "data")]), 16)
+    assert [os.path.basename(p) for p in unreadable] == ["garbage.jpg"]
+    assert sorted(os.path.basename(p) for p in usable) == ["ok0.png", "ok1.png", "ok2.png", "truncated.png"]
+    assert "skipping 1 unreadable image(s)" in caplog.text
+    # The truncated file fails only when decoded: the dataset warns, counts it and takes the next image.
+    data = CropDataset(sorted(usable, key=lambda p: "truncated" not in p), 16)
+    crop = data[(0, 123)]
+    assert crop.shape == (3, 16, 16) and data.failures == 1
+    assert torch.allclose(crop[:, 0, 0] * 255, torch.tensor([0.0, 90.0, 200.0]))    # ok0's colour
