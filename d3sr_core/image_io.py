@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .atomic_file import atomic_path
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -21,14 +20,7 @@ def load_image(path: str) -> torch.Tensor:
 
 
 def save_png_atomic(image: torch.Tensor, path: str) -> None:
-    """Write IMAGE [1, H, W, 3] as an 8-bit PNG via a temporary file and rename."""
+    """Write IMAGE [1, H, W, 3] as an 8-bit PNG atomically (atomic_file.atomic_path)."""
     array = (image[0].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

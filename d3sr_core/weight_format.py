@@ -35,13 +35,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic_file import atomic_path
 
 FORMAT = "d3sr"
 FORMAT_VERSION = "1"
@@ -294,17 +295,6 @@ def write_weights(path: str, weights: D3SRWeights) -> None:
 
 
 def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """save_file into a temporary sibling, fsync, then os.replace: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    """save_file through atomic_path: readers never see half a file."""
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -21,6 +21,7 @@ sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
 
 from d3sr_core import host  # noqa: E402
+from d3sr_core.atomic_file import atomic_path  # noqa: E402
 
 OUT = ROOT / "out" / "demo"
 SHARED_LR = ROOT.parent / "shared" / "data" / "RealSR" / "LR"
@@ -91,7 +92,8 @@ def main() -> int:
         return 1
     images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
     final = OUT / "d3sr_demo_x4.png"
-    shutil.copy(server.output_dir / images[0]["subfolder"] / images[0]["filename"], final)
+    with atomic_path(final) as tmp:
+        shutil.copyfile(server.output_dir / images[0]["subfolder"] / images[0]["filename"], tmp)
     print(f"[demo] upscaled image written to {final}")
     return 0
 

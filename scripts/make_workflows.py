@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
+
 SD21_BASE = {"name": "v2-1_512-ema-pruned.safetensors",
              "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
                     "v2-1_512-ema-pruned.safetensors",
@@ -152,11 +157,7 @@ def main() -> None:
         graph = make()
         for path, data in ((os.path.join(ROOT, "workflows", name + ".json"), to_ui(graph, name)),
                            (os.path.join(ROOT, "workflows", "api", name + ".json"), to_api(graph))):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(data, indent=2) + "\n")
             print("wrote", os.path.relpath(path, ROOT))
 
 

@@ -13,31 +13,20 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
+from d3sr_core.atomic_file import atomic_path
 from d3sr_core.weight_format import D3SRWeights, write_weights
 
 STEP_RE = re.compile(r"^step-(\d{7,})\.pt$")
 
 
 def atomic_torch_save(path: str, obj: object) -> None:
-    """torch.save into a temporary sibling, fsync, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through atomic_path (temporary sibling, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_path(folder: str, step: int) -> str:

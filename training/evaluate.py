@@ -18,9 +18,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from d3sr_core.atomic_file import write_text_atomic
 
 from . import pretrained
 from .dists import DISTS
@@ -154,19 +154,6 @@ def format_table(result: EvaluationResult, per_image: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_csv(result: EvaluationResult) -> str:
     """CSV text: header, one row per image, then a 'mean' row."""
     buffer = io.StringIO()
@@ -219,9 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(math.isnan(v) for v in result.mean.values()):
         print("warning: some metric is NaN", file=sys.stderr)
     if args.csv:
-        _write_atomic(args.csv, to_csv(result))
+        write_text_atomic(args.csv, to_csv(result))
     if args.json:
-        _write_atomic(args.json, to_json(result, args.outputs, args.gt, args.crop_border))
+        write_text_atomic(args.json, to_json(result, args.outputs, args.gt, args.crop_border))
     return 0
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from d3sr_core.atomic_file import atomic_path
+
 __all__ = [
     "WeightsUnavailable",
     "alexnet_features",
@@ -248,10 +250,8 @@ def _cached(name: str, build) -> dict[str, torch.Tensor]:
     if path.is_file():
         return load_file(str(path))
     tensors = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     return tensors
 
 

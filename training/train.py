@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from d3sr_core.atomic_file import write_text_atomic
+
 from .config import Config, load_config
 
 log = logging.getLogger("d3sr.train")
@@ -361,8 +363,7 @@ class RunLog:
         if os.path.exists(self.path):  # drop rows a resumed run will write again
             with open(self.path, encoding="utf-8") as f:
                 rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(rows)
+            write_text_atomic(self.path, "".join(rows))
         self.tb = None
         if cfg.log.tensorboard:
             try:
@@ -481,8 +482,7 @@ def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
     runlog = RunLog(cfg, trainer.step) if rank == 0 else None
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg.summary(), f, indent=2)
+        write_text_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(cfg.summary(), indent=2) + "\n")
     bar = None
     if rank == 0 and cfg.log.progress:
         from tqdm import tqdm
