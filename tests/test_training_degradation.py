@@ -163,3 +163,44 @@ def test_usm_sharpening_raises_edge_contrast_and_leaves_flat_areas():
     torch.testing.assert_close(sharp[..., :2], step[..., :2], atol=1e-3, rtol=0)
     flat = torch.full((1, 3, 40, 40), 0.5)
     torch.testing.assert_close(usm_sharpen(flat), flat)
+
+
+def test_resize_mode_probabilities_choose_the_interpolation():
+    """Same seed: every resize area vs every resize bicubic gives a different LR. The
+    probabilities are weights, and equal ones reproduce the default config's output."""
+    hr = _smooth_images(batch=2, size=64)
+
+    def run(probs: tuple[float, float, float]) -> torch.Tensor:
+        stage, second = StageConfig(resize_mode_probs=probs), DegradationConfig().second
+        second.resize_mode_probs = probs
+        cfg = DegradationConfig(first=stage, second=second, final_resize_mode_probs=probs)
+        return RealESRGANDegradation(cfg)(hr, torch.Generator().manual_seed(5))
+
+    area = run((1, 0, 0))
+    assert not torch.equal(area, run((0, 0, 1)))
+    assert torch.equal(area, run((0.7, 0, 0)))
+    assert torch.equal(run((1, 1, 1)), RealESRGANDegradation()(hr, torch.Generator().manual_seed(5)))
+
+
+def test_sinc_cutoff_ranges_and_size_threshold_come_from_the_config():
+    cfg = DegradationConfig(kernel_size_min=7, kernel_size_max=7)
+    stage = StageConfig(sinc_prob=1.0, sinc_cutoff=(1.0, 1.0), sinc_cutoff_large=(2.0, 2.0), sinc_large_size=9)
+    torch.testing.assert_close(random_blur_kernel(torch.Generator(), stage, cfg), sinc_kernel(7, 1.0))
+    stage.sinc_large_size = 7
+    torch.testing.assert_close(random_blur_kernel(torch.Generator(), stage, cfg), sinc_kernel(7, 2.0))
+
+
+def test_usm_weight_threshold_and_radius():
+    step = torch.full((1, 3, 64, 64), 0.3)
+    step[..., 32:] = 0.7
+    # nothing passes a threshold above the largest residual
+    torch.testing.assert_close(usm_sharpen(step, threshold=255.0), step)
+    # a smaller radius leaves pixels 12 columns from the edge alone, the default does not
+    assert abs(usm_sharpen(step, radius=9)[0, 0, 5, 44].item() - 0.7) < 1e-4
+    assert usm_sharpen(step)[0, 0, 5, 44].item() > 0.7 + 1e-3
+    # the pipeline passes its usm_* fields on
+    hr = _smooth_images(batch=1, size=64)
+    stronger = RealESRGANDegradation(DegradationConfig(usm_weight=2.0))
+    assert not torch.equal(
+        stronger(hr, torch.Generator().manual_seed(0)), RealESRGANDegradation()(hr, torch.Generator().manual_seed(0))
+    )

@@ -3,18 +3,21 @@
 HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H / scale, W / scale) in [0, 1], quantised to
 multiples of 1/255. Stages, with Real-ESRGAN's default parameters (``DegradationConfig``):
 
-0. unsharp masking of the HR (Real-ESRGAN degrades the sharpened image; ``usm_sharpen``
-   is public so a training loop can sharpen its targets the same way);
+0. unsharp masking of the HR (weight 0.5, threshold 10/255, 51x51 blur; Real-ESRGAN degrades
+   the sharpened image; ``usm_sharpen`` is public so a training loop can sharpen its targets
+   the same way);
 1. blur with a per-sample random kernel (iso / aniso Gaussian, generalised Gaussian,
    plateau, or with ``sinc_prob`` a sinc low-pass), kernel size odd in [7, 21], padded to 21;
-2. random resize (up / down / keep; area, bilinear or bicubic);
+   sinc cutoff in [pi/3, pi] below size 13, else in [pi/5, pi];
+2. random resize (up / down / keep; area, bilinear or bicubic, uniformly);
 3. Gaussian noise (sigma in 1..30 on the 0..255 scale) or Poisson noise, each with a
    per-sample probability of being grey (the same noise in all channels); clip to [0, 1];
 4. JPEG with per-sample quality in [30, 95];
 5. second stage: blur with probability ``second_blur_prob``, resize, noise, with the
    second stage's ranges;
 6. final: [resize to H/scale + final sinc filter (probability 0.8), then JPEG] or
-   [JPEG, then resize + sinc], each order with probability 0.5; clamp and round.
+   [JPEG, then resize + sinc], each order with probability 0.5; clamp and round. The final
+   sinc cutoff is in [pi/3, pi] at any size.
 
 As in Real-ESRGAN, kernels, noise levels, grey-noise choices and JPEG qualities are drawn
 per sample, while the resize scale, interpolation mode, noise type (Gaussian or Poisson)
@@ -25,8 +28,10 @@ same choices on any device); noise images come from a generator on the image's d
 seeded from the CPU one. Same seed + same device -> identical output.
 
 Pieces: kornia's ``filter2d`` (per-sample kernels, reflect padding) and
-``jpeg_codec_differentiable`` (a torch DCT JPEG); resizing uses ``F.interpolate`` with a
-scale factor, as Real-ESRGAN does (kornia's resize takes sizes only).
+``jpeg_codec_differentiable`` (a torch DCT JPEG). Resizing calls ``F.interpolate`` directly,
+as Real-ESRGAN does: the first stage with the drawn scale factor (kornia's ``rescale`` also
+takes a factor, but turns it into an output size first, so it would sample at the rounded
+size's ratio instead of the factor), the second stage and the final resize with sizes.
 """
 
 from __future__ import annotations
@@ -60,11 +65,15 @@ class StageConfig:
 
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # over KERNEL_TYPES
     sinc_prob: float = 0.1
+    sinc_cutoff: tuple[float, float] = (math.pi / 3, math.pi)  # kernels smaller than sinc_large_size
+    sinc_cutoff_large: tuple[float, float] = (math.pi / 5, math.pi)  # kernels of sinc_large_size and up
+    sinc_large_size: int = 13
     blur_sigma: tuple[float, float] = (0.2, 3.0)
     betag_range: tuple[float, float] = (0.5, 4.0)  # generalised Gaussian shape
     betap_range: tuple[float, float] = (1.0, 2.0)  # plateau shape
     resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
     resize_range: tuple[float, float] = (0.15, 1.5)  # down from [lo, 1), up in (1, hi]
+    resize_mode_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # over RESIZE_MODES
     gaussian_noise_prob: float = 0.5  # else Poisson
     noise_range: tuple[float, float] = (1.0, 30.0)  # Gaussian sigma on the 0..255 scale
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
@@ -92,8 +101,13 @@ class DegradationConfig:
     first: StageConfig = field(default_factory=StageConfig)
     second: StageConfig = field(default_factory=_second_stage)
     usm_sharpen: bool = True  # Real-ESRGAN degrades the unsharp-masked HR, see usm_sharpen()
+    usm_weight: float = 0.5
+    usm_threshold: float = 10.0  # on the 0..255 scale
+    usm_radius: int = 50  # Real-ESRGAN's name for the blur kernel size (made odd: 51)
     second_blur_prob: float = 0.8
     final_sinc_prob: float = 0.8
+    final_sinc_cutoff: tuple[float, float] = (math.pi / 3, math.pi)
+    final_resize_mode_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # over RESIZE_MODES
     final_jpeg_first_prob: float = 0.5  # order of the last JPEG and resize + sinc
 
 
@@ -108,6 +122,14 @@ def _uniform(gen: torch.Generator, low: float, high: float) -> float:
 
 def _choice(gen: torch.Generator, probs: tuple[float, ...]) -> int:
     return int(torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=gen))
+
+
+def _resize_mode(gen: torch.Generator, probs: tuple[float, float, float]) -> str:
+    """A mode of RESIZE_MODES drawn with ``probs``. Equal probabilities use a uniform integer
+    draw, which keeps the random stream (and outputs) of the default config unchanged."""
+    if len(set(probs)) == 1:
+        return RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (), generator=gen))]
+    return RESIZE_MODES[_choice(gen, probs)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,8 +182,8 @@ def random_blur_kernel(gen: torch.Generator, stage: StageConfig, cfg: Degradatio
     """One random stage kernel, (cfg.kernel_size_max,)*2 float64, sum 1."""
     size = 2 * int(torch.randint(cfg.kernel_size_min // 2, cfg.kernel_size_max // 2 + 1, (), generator=gen)) + 1
     if float(torch.rand((), generator=gen)) < stage.sinc_prob:
-        low = math.pi / 3 if size < 13 else math.pi / 5
-        return _pad_to(sinc_kernel(size, _uniform(gen, low, math.pi)), cfg.kernel_size_max)
+        cutoff = stage.sinc_cutoff if size < stage.sinc_large_size else stage.sinc_cutoff_large
+        return _pad_to(sinc_kernel(size, _uniform(gen, *cutoff)), cfg.kernel_size_max)
     kind = KERNEL_TYPES[_choice(gen, stage.kernel_probs)]
     sigma_x = _uniform(gen, *stage.blur_sigma)
     if kind.endswith("iso") and not kind.endswith("aniso"):
@@ -181,7 +203,7 @@ def random_blur_kernel(gen: torch.Generator, stage: StageConfig, cfg: Degradatio
 def _final_kernel(gen: torch.Generator, cfg: DegradationConfig) -> torch.Tensor:
     if float(torch.rand((), generator=gen)) < cfg.final_sinc_prob:
         size = 2 * int(torch.randint(cfg.kernel_size_min // 2, cfg.kernel_size_max // 2 + 1, (), generator=gen)) + 1
-        return _pad_to(sinc_kernel(size, _uniform(gen, math.pi / 3, math.pi)), cfg.kernel_size_max)
+        return _pad_to(sinc_kernel(size, _uniform(gen, *cfg.final_sinc_cutoff)), cfg.kernel_size_max)
     pulse = torch.zeros(cfg.kernel_size_max, cfg.kernel_size_max, dtype=torch.float64)
     pulse[cfg.kernel_size_max // 2, cfg.kernel_size_max // 2] = 1.0
     return pulse
@@ -241,15 +263,18 @@ def jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     return kornia.enhance.jpeg_codec_differentiable(images.clamp(0, 1).float(), quality).to(images.dtype)
 
 
-def usm_sharpen(images: torch.Tensor, weight: float = 0.5, threshold: float = 10.0) -> torch.Tensor:
-    """Real-ESRGAN's unsharp mask (radius 50 -> 51x51 Gaussian, sigma 8, as OpenCV derives it):
-    sharpened = clamp(I + weight (I - blur(I))), blended in where |I - blur(I)| * 255 > threshold,
-    with that mask softened by the same blur. (B, C, H, W) in [0, 1] -> same."""
-    border = "reflect" if min(images.shape[-2:]) > 25 else "replicate"
-    blur = kornia.filters.gaussian_blur2d(images, (51, 51), (8.0, 8.0), border_type=border)
+def usm_sharpen(images: torch.Tensor, weight: float = 0.5, threshold: float = 10.0, radius: int = 50) -> torch.Tensor:
+    """Real-ESRGAN's unsharp mask: a Gaussian of size ``radius`` made odd (50 -> 51) with the
+    sigma OpenCV derives from the size (51 -> 8); sharpened = clamp(I + weight (I - blur(I))),
+    blended in where |I - blur(I)| * 255 > threshold, with that mask softened by the same blur.
+    (B, C, H, W) in [0, 1] -> same."""
+    size = radius | 1
+    sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8
+    border = "reflect" if min(images.shape[-2:]) > size // 2 else "replicate"
+    blur = kornia.filters.gaussian_blur2d(images, (size, size), (sigma, sigma), border_type=border)
     residual = images - blur
     mask = (residual.abs() * 255 > threshold).to(images.dtype)
-    soft = kornia.filters.gaussian_blur2d(mask, (51, 51), (8.0, 8.0), border_type=border)
+    soft = kornia.filters.gaussian_blur2d(mask, (size, size), (sigma, sigma), border_type=border)
     sharp = (images + weight * residual).clamp(0, 1)
     return soft * sharp + (1 - soft) * images
 
@@ -273,12 +298,12 @@ class RealESRGANDegradation:
             factor = _uniform(gen, stage.resize_range[0], 1.0)
         else:
             factor = 1.0
-        mode = RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (), generator=gen))]
-        return F.interpolate(images, scale_factor=factor, mode=mode)
+        return F.interpolate(images, scale_factor=factor, mode=_resize_mode(gen, stage.resize_mode_probs))
 
-    def _resize_to(self, images: torch.Tensor, gen: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
-        mode = RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (), generator=gen))]
-        return F.interpolate(images, size=size, mode=mode)
+    def _resize_to(
+        self, images: torch.Tensor, gen: torch.Generator, size: tuple[int, int], mode_probs: tuple[float, float, float]
+    ) -> torch.Tensor:
+        return F.interpolate(images, size=size, mode=_resize_mode(gen, mode_probs))
 
     def _noise(self, images: torch.Tensor, gen: torch.Generator, dev_gen, stage: StageConfig) -> torch.Tensor:
         b = images.shape[0]
@@ -314,7 +339,9 @@ class RealESRGANDegradation:
             raise ValueError("pass a CPU torch.Generator; noise images use a device generator seeded from it")
         dev_gen = torch.Generator(device=hr.device)
         dev_gen.manual_seed(int(torch.randint(2**62, (), generator=gen)))
-        out = usm_sharpen(hr.float()) if cfg.usm_sharpen else hr.float()
+        out = hr.float()
+        if cfg.usm_sharpen:
+            out = usm_sharpen(out, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius)
 
         # First order.
         kernels = torch.stack([random_blur_kernel(gen, cfg.first, cfg) for _ in range(b)])
@@ -331,7 +358,7 @@ class RealESRGANDegradation:
         lo, hi = cfg.second.resize_range
         factor = _uniform(gen, 1.0, hi) if direction == 0 else _uniform(gen, lo, 1.0) if direction == 1 else 1.0
         size = (int(h / cfg.scale * factor), int(w / cfg.scale * factor))
-        out = self._resize_to(out, gen, size)
+        out = self._resize_to(out, gen, size, cfg.second.resize_mode_probs)
         out = self._noise(out, gen, dev_gen, cfg.second)
 
         # Final resize + sinc and JPEG, in random order.
@@ -339,8 +366,8 @@ class RealESRGANDegradation:
         lr_size = (h // cfg.scale, w // cfg.scale)
         if float(torch.rand((), generator=gen)) < cfg.final_jpeg_first_prob:
             out = self._jpeg(out, gen, cfg.second)
-            out = _blur(self._resize_to(out, gen, lr_size), final)
+            out = _blur(self._resize_to(out, gen, lr_size, cfg.final_resize_mode_probs), final)
         else:
-            out = _blur(self._resize_to(out, gen, lr_size), final)
+            out = _blur(self._resize_to(out, gen, lr_size, cfg.final_resize_mode_probs), final)
             out = self._jpeg(out, gen, cfg.second)
         return (out * 255).round().clamp(0, 255) / 255
