@@ -166,3 +166,24 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     crop = data[(0, 123)]
     assert crop.shape == (3, 16, 16) and data.failures == 1
     assert torch.allclose(crop[:, 0, 0] * 255, torch.tensor([0.0, 90.0, 200.0]))    # ok0's colour
+
+
+def test_degradation_options_come_from_the_config(tmp_path, setup):
+    from training.config import ConfigError
+    from training.data import make_degradation
+    cfg = load_config(write_config(tmp_path, setup, train={"crop": 256, "scale": 4},
+                                   data={"degradation": "realesrgan",
+                                         "realesrgan": {"second": {"noise_range": [2, 3]},
+                                                        "final_sinc_prob": 0.0}}))
+    options = cfg.data.realesrgan
+    assert options.second.noise_range == (2, 3)
+    assert options.second.blur_sigma == (0.2, 1.5)        # the second stage's other defaults stay
+    assert options.first.noise_range == (1.0, 30.0)
+    degrade = make_degradation("realesrgan", 4, options)
+    assert degrade.config.final_sinc_prob == 0.0 and degrade.config.second.noise_range == (2, 3)
+    assert cfg.summary()["data"]["realesrgan"]["final_sinc_prob"] == 0.0   # stored with checkpoints
+    with pytest.raises(ConfigError, match=r"first.resize_mode_probs must be 3 non-negative probabilities"):
+        load_config(write_config(tmp_path, setup, train={"crop": 256},
+                                 data={"realesrgan": {"first": {"resize_mode_probs": [0.5, 0.6, 0.0]}}}))
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) in 'data.realesrgan.second': noise"):
+        load_config(write_config(tmp_path, setup, data={"realesrgan": {"second": {"noise": [1, 2]}}}))

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .degradation import DegradationConfig, config_problems
+
 
 class ConfigError(ValueError):
     """A config file with an unknown key or an invalid value."""
@@ -76,6 +78,9 @@ class TrainConfig:
 class DataConfig:
     folders: list[str] = field(default_factory=list)
     degradation: str = "realesrgan"   # realesrgan (training.degradation) | bicubic (tests, quick runs)
+    # Every probability and range of the Real-ESRGAN pipeline (defaults: Real-ESRGAN's x4 options;
+    # see training/degradation.py). Its `scale` is ignored: train.scale is used.
+    realesrgan: DegradationConfig = field(default_factory=DegradationConfig)
     num_workers: int = 4
     prefetch_factor: int = 2
 
@@ -112,24 +117,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: dict, where: str):
+def _build(base, data: dict, where: str):
+    """A copy of the dataclass instance `base` with the values in `data` (nested sections update
+    the nested defaults: e.g. data.realesrgan.second keeps the second stage's other values)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"unknown config key(s) in '{where or 'top level'}': {', '.join(unknown)} "
-                          f"(known: {', '.join(fields)})")
+                          f"(known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
-        default = getattr(cls(), name)
+        default = getattr(base, name)
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}".lstrip("."))
+            kwargs[name] = _build(default, value or {}, f"{where}.{name}".lstrip("."))
         elif isinstance(default, tuple) and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def validate(cfg: Config) -> Config:
@@ -166,6 +173,9 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    problems = config_problems(cfg.data.realesrgan)
+    if problems:
+        raise ConfigError("data.realesrgan: " + "; ".join(problems))
     if not cfg.data.folders:
         raise ConfigError("data.folders is empty: list one or more folders of HR images")
     return cfg
@@ -182,7 +192,7 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     if overrides:
         data = merge(data, overrides)
-    return validate(_build(Config, data, ""))
+    return validate(_build(Config(), data, ""))
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -137,13 +137,16 @@ def bicubic_degradation(scale: int) -> Callable[[torch.Tensor, torch.Generator],
     return degrade
 
 
-def make_degradation(name: str, scale: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+def make_degradation(name: str, scale: int, options=None) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """`degrade(hr BCHW [0,1], cpu generator) -> LR BCHW [0,1]` of size H/scale: 'realesrgan'
-    (training.degradation, the paper's) or 'bicubic'."""
+    (training.degradation, the paper's; `options` a DegradationConfig, default Real-ESRGAN's)
+    or 'bicubic'."""
     if name == "bicubic":
         return bicubic_degradation(scale)
+    import dataclasses
+
     from .degradation import DegradationConfig, RealESRGANDegradation
-    return RealESRGANDegradation(DegradationConfig(scale=scale))
+    return RealESRGANDegradation(dataclasses.replace(options or DegradationConfig(), scale=scale))
 
 
 def folder_images(folder: str | Path) -> list[str]:

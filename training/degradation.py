@@ -111,6 +111,42 @@ class DegradationConfig:
     final_jpeg_first_prob: float = 0.5  # order of the last JPEG and resize + sinc
 
 
+def config_problems(cfg: DegradationConfig) -> list[str]:
+    """What is wrong with `cfg` (empty when it can run): probability lists of the right length
+    summing to 1, probabilities in [0, 1], ranges with low <= high, odd kernel sizes."""
+    problems: list[str] = []
+
+    def probs(name: str, value: tuple[float, ...], n: int) -> None:
+        if len(value) != n or any(p < 0 for p in value) or abs(sum(value) - 1.0) > 1e-6:
+            problems.append(f"{name} must be {n} non-negative probabilities summing to 1, got {list(value)}")
+
+    def prob(name: str, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{name} must be a probability in [0, 1], got {value}")
+
+    def span(name: str, value: tuple[float, float]) -> None:
+        if len(value) != 2 or value[0] > value[1]:
+            problems.append(f"{name} must be [low, high] with low <= high, got {list(value)}")
+
+    for stage_name, stage in (("first", cfg.first), ("second", cfg.second)):
+        probs(f"{stage_name}.kernel_probs", stage.kernel_probs, len(KERNEL_TYPES))
+        probs(f"{stage_name}.resize_probs", stage.resize_probs, 3)
+        probs(f"{stage_name}.resize_mode_probs", stage.resize_mode_probs, len(RESIZE_MODES))
+        for name in ("sinc_prob", "gaussian_noise_prob", "gray_noise_prob"):
+            prob(f"{stage_name}.{name}", getattr(stage, name))
+        for name in ("sinc_cutoff", "sinc_cutoff_large", "blur_sigma", "betag_range", "betap_range",
+                     "resize_range", "noise_range", "poisson_scale_range", "jpeg_range"):
+            span(f"{stage_name}.{name}", getattr(stage, name))
+    probs("final_resize_mode_probs", cfg.final_resize_mode_probs, len(RESIZE_MODES))
+    for name in ("second_blur_prob", "final_sinc_prob", "final_jpeg_first_prob"):
+        prob(name, getattr(cfg, name))
+    span("final_sinc_cutoff", cfg.final_sinc_cutoff)
+    if not (3 <= cfg.kernel_size_min <= cfg.kernel_size_max and cfg.kernel_size_min % 2 and cfg.kernel_size_max % 2):
+        problems.append(f"kernel sizes must be odd with 3 <= kernel_size_min <= kernel_size_max, got "
+                        f"{cfg.kernel_size_min}..{cfg.kernel_size_max}")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------
 # Random numbers
 # ----------------------------------------------------------------------------------------

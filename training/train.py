@@ -171,7 +171,7 @@ class Trainer:
         self.perceptual = build_perceptual(cfg)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
-        self.degrade = make_degradation(cfg.data.degradation, tc.scale)
+        self.degrade = make_degradation(cfg.data.degradation, tc.scale, cfg.data.realesrgan)
 
         oc = cfg.optim
         self.g_params = [p for p in self.G.parameters() if p.requires_grad]
