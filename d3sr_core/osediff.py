@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .weight_format import EMBEDDING_SHAPE, LORA_PREFIX, VAE_LORA_PREFIX, D3SRWeights, write_weights
+from .weight_format import (
+    EMBEDDING_SHAPE,
+    LORA_PREFIX,
+    PICKLE_EXTENSIONS,
+    VAE_LORA_PREFIX,
+    D3SRWeights,
+    read_weights,
+    write_weights,
+)
 
 OSEDIFF_TIMESTEP = 999
 OSEDIFF_SCALE = 4.0
@@ -310,7 +318,7 @@ def prompt_embedding(clip, text: str) -> torch.Tensor:
 
 
 def is_pickle_file(path: str) -> bool:
-    return path.lower().endswith((".pkl", ".pt", ".pth"))
+    return path.lower().endswith(PICKLE_EXTENSIONS)
 
 
 def load_osediff(model, vae, path: str, clip=None, prompt: str = "", strength: float = 1.0):
@@ -321,7 +329,6 @@ def load_osediff(model, vae, path: str, clip=None, prompt: str = "", strength: f
     The VAE encoder LoRA goes on a clone of the VAE's patcher; `model` and `vae` stay untouched.
     """
     from .model import check_base_model, d3sr_model_from_weights
-    from .weight_format import read_weights
     name = os.path.basename(path)
     check_base_model(model, vae)
     if is_pickle_file(path):
@@ -360,6 +367,9 @@ def convert_file(src: str, dst: str, force: bool = False, checkpoint: str | None
         model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(
             checkpoint, output_vae=False, output_clip=True)
         unet_config = model.model.model_config.unet_config
+    if checkpoint and clip is None and prompt:
+        raise ValueError(f"'{checkpoint}' has no text encoder, so the prompt cannot be encoded: give the "
+                         "full SD2.1-base checkpoint (v2-1_512-ema-pruned.safetensors) or leave out --prompt")
     weights, report = convert_osediff(raw, unet_config, name=os.path.basename(src))
     if clip is not None:
         weights.text_embedding = prompt_embedding(clip, prompt)
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {report.summary()}")
-    if not args.checkpoint:
+    if read_weights(args.output).text_embedding_kind == "none":
         print("note: no prompt embedding stored; load the file with 'Load OSEDiff Model' and "
               "connect CLIP (or convert with --checkpoint to store one)")
     return 0

@@ -79,12 +79,27 @@ def build_kl_vae(seed: int = 1) -> torch.nn.Module:
     return seeded_init_(AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4), seed)
 
 
-def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: int = 0) -> str:
-    """Write an SD-style checkpoint (model.diffusion_model.* + first_stage_model.*, no text
-    encoder) that ComfyUI's CheckpointLoaderSimple loads. Returns `path`."""
+def build_sd2_text_encoder(seed: int = 2) -> torch.nn.Module:
+    """ComfyUI's SD2 text encoder (OpenCLIP ViT-H/14 text tower, 354 M parameters, full size:
+    its config is fixed) with seeded weights."""
+    from comfy.text_encoders import sd2_clip
+    return seeded_init_(sd2_clip.SD2ClipModel(device="cpu", dtype=torch.float32), seed)
+
+
+def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: int = 0,
+                     text_encoder: bool = False) -> str:
+    """Write an SD-style checkpoint (model.diffusion_model.* + first_stage_model.*) that ComfyUI's
+    CheckpointLoaderSimple loads. With `text_encoder` (SD2 configs only) it also holds a seeded
+    SD2 text encoder in fp16 (cond_stage_model.model.*, 0.7 GB), so the loader returns a real
+    CLIP. The UNet and VAE depend on `seed` only, not on `text_encoder`. Returns `path`."""
     unet, vae = build_unet(unet_config, seed), build_kl_vae(seed + 1)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    if text_encoder:
+        import comfy.supported_models
+        clip_sd = build_sd2_text_encoder(seed + 2).state_dict()
+        saved = comfy.supported_models.SD20(unet_config).process_clip_state_dict_for_saving(clip_sd)
+        sd.update({k: v.half() for k, v in saved.items()})
     atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
     return path
 

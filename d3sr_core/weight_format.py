@@ -57,6 +57,7 @@ EXT_VAE_LORA = "vae_lora"
 EXT_FULL_WEIGHTS = "full_weights"
 KNOWN_EXTENSIONS = (EXT_FULL_WEIGHTS, EXT_VAE_LORA)
 EMBEDDING_KINDS = ("fixed", "prompt", "none")
+PICKLE_EXTENSIONS = (".pkl", ".pt", ".pth", ".ckpt")   # never D3SR files; OSEDiff's release is one
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
 
 
@@ -140,7 +141,7 @@ def read_weights(path: str) -> D3SRWeights:
     """Read and validate a D3SR weight file; raise WeightFileError naming the problem."""
     if not os.path.isfile(path):
         raise _fail(path, "file not found", "Put the file in ComfyUI/models/d3sr/ and refresh.")
-    if path.lower().endswith((".pkl", ".pt", ".pth", ".ckpt")):
+    if path.lower().endswith(PICKLE_EXTENSIONS):
         raise _fail(path, "is a pickle file, not a D3SR .safetensors file",
                     "OSEDiff's osediff.pkl loads in the 'Load OSEDiff Model' node, or convert it "
                     "with: python -m d3sr_core.osediff convert osediff.pkl osediff.safetensors")

@@ -26,8 +26,12 @@ from comfy_server import ComfyServer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """A ComfyUI models folder: a tiny SD2 checkpoint, an SD1.x-shaped one, D3SR files at two
-    timesteps (T_L 399 and 250), and one whose layers do not match the tiny SD2 model."""
+    """A ComfyUI models folder: a tiny SD2 checkpoint (also as tiny-sd2-clip with a seeded
+    full-size SD2 text encoder), an SD1.x-shaped one, D3SR files at two timesteps (T_L 399 and
+    250), one whose layers do not match the tiny SD2 model, and an OSEDiff-format .pkl."""
+    import torch
+    from reference_osediff import make_osediff_dict
+
     from d3sr_core import synthetic
     from d3sr_core.weight_format import write_weights
 
@@ -35,6 +39,10 @@ def models_dir(tmp_path_factory) -> Path:
     for sub in ("checkpoints", "d3sr", "loras"):
         (root / sub).mkdir()
     synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd2.safetensors"), seed=0)
+    synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd2-clip.safetensors"), seed=0,
+                               text_encoder=True)
+    torch.save(make_osediff_dict(str(root / "checkpoints" / "tiny-sd2.safetensors"))[0],
+               root / "d3sr" / "osediff-tiny.pkl")
     synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd1.safetensors"),
                                unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)
     unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
@@ -55,6 +63,16 @@ def tiny_sd2(models_dir):
     model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         str(models_dir / "checkpoints" / "tiny-sd2.safetensors"))
     return model, vae
+
+
+@pytest.fixture(scope="session")
+def sd2_clip(models_dir):
+    """ComfyUI's CLIP (SD2 text encoder, seeded weights) from tiny-sd2-clip, via the checkpoint loader."""
+    import comfy.sd
+    _model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(models_dir / "checkpoints" / "tiny-sd2-clip.safetensors"), output_model=False, output_vae=False)
+    assert clip is not None
+    return clip
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,10 @@ API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 OUR_NODES = ("D3SRModelLoader", "D3SRUpscale", "D3SRTiledUpscale", "D3SROSEDiffLoader")
 TEST_FILES = {"ckpt_name": "tiny-sd2.safetensors", "weights": "tiny-t399.safetensors",
               "image": "lr_test.png"}
+# The OSEDiff example runs on a generated OSEDiff .pkl with the checkpoint that has a text
+# encoder (its CLIP output feeds the loader; a .pkl fails without one).
+WORKFLOW_FILES = {"osediff_upscale_x4": {"ckpt_name": "tiny-sd2-clip.safetensors",
+                                         "weights": "osediff-tiny.pkl"}}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,8 @@ def test_ui_workflow_is_valid(object_info, path):
 
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_api_workflow_runs(server, lr_image, path):
-    graph = localise(json.loads(path.read_text()), TEST_FILES, prefix=path.stem)
+    files = dict(TEST_FILES, **WORKFLOW_FILES.get(path.stem, {}))
+    graph = localise(json.loads(path.read_text()), files, prefix=path.stem)
     entry = server.run_prompt(graph)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
