@@ -13,6 +13,7 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
+from .schedule import alphas_cumprod
 from .weight_format import EMBEDDING_SHAPE, D3SRWeights, WeightFileError, read_weights
 
 
@@ -58,11 +59,32 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE)
         raise BaseModelMismatchError(
             f"D3SR needs the epsilon-prediction SD2.1-base, but the connected MODEL predicts "
             f"{base.model_type.name} (SD2.1-768 'v' models do not work). {_FIX}")
+    _check_model_sampling(model)
     if getattr(vae, "latent_channels", None) != 4 or getattr(vae, "latent_dim", 2) != 2:
         raise BaseModelMismatchError(
             "D3SR needs SD's 4-channel image VAE, but the connected VAE has "
             f"{getattr(vae, 'latent_channels', '?')} latent channels. Connect the VAE output of the "
             "same SD2.1-base checkpoint.")
+
+
+def _check_model_sampling(model: comfy.model_patcher.ModelPatcher) -> None:
+    """The MODEL's sampling object (which a ModelSamplingDiscrete node upstream may replace) must
+    be epsilon prediction on SD's scaled-linear schedule: the one step assumes both."""
+    import comfy.model_sampling as ms
+    sampling = model.get_model_object("model_sampling")
+    kind = type(sampling).calculate_denoised
+    if kind is not ms.EPS.calculate_denoised:
+        raise BaseModelMismatchError(
+            f"D3SR needs epsilon prediction, but the connected MODEL's sampling is {type(sampling).__name__} "
+            "(a 'ModelSampling...' node upstream?). Connect the checkpoint loader's MODEL directly.")
+    sigmas = getattr(sampling, "sigmas", None)
+    expected = ((1 - alphas_cumprod()) / alphas_cumprod()).sqrt().float()
+    if sigmas is None or sigmas.shape != expected.shape or not torch.allclose(
+            sigmas.detach().float().cpu(), expected, rtol=1e-4, atol=0):
+        raise BaseModelMismatchError(
+            "D3SR needs SD's scaled-linear noise schedule, but the connected MODEL's sampling uses "
+            "another one (zero terminal SNR or a custom schedule from a 'ModelSamplingDiscrete' "
+            "node?). Connect the checkpoint loader's MODEL directly.")
 
 
 def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) -> dict:

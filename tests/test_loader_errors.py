@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.model_base
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
@@ -69,3 +70,30 @@ def test_factor_out_of_range(tiny_sd2, models_dir):
     d3sr = load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
     with pytest.raises(ValueError, match="outside 1..8"):
         pipeline.upscale(d3sr, torch.rand(1, 8, 8, 3), 9.0)
+
+
+@pytest.mark.parametrize("sampling,zsnr,expected", [("v_prediction", False, "epsilon prediction"),
+                                                    ("eps", True, "scaled-linear noise schedule"),
+                                                    ("lcm", False, "epsilon prediction")])
+def test_model_sampling_override_is_rejected(tiny_sd2, models_dir, sampling, zsnr, expected):
+    # ComfyUI's stock ModelSamplingDiscrete node between the checkpoint and the D3SR loader would
+    # change the x0 formula or the sigma <-> timestep map of the one step.
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    model, vae = tiny_sd2
+    patched = ModelSamplingDiscrete().patch(model, sampling, zsnr)[0]
+    with pytest.raises(BaseModelMismatchError, match=expected):
+        load_d3sr(patched, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
+    # The stock node with the default settings changes nothing and is accepted.
+    same = ModelSamplingDiscrete().patch(model, "eps", False)[0]
+    assert load_d3sr(same, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors")).timestep == 399
+
+
+def test_generated_checkpoints_are_detected_as_their_family(tiny_sd2, sd2_clip, models_dir):
+    # The tests' stand-ins must be what ComfyUI's own detection says they are.
+    model, vae = tiny_sd2
+    assert type(model.model.model_config).__name__ == "SD20"
+    assert model.model.model_type == comfy.model_base.ModelType.EPS
+    sd1, _, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(models_dir / "checkpoints" / "tiny-sd1.safetensors"), output_vae=False, output_clip=False)
+    assert type(sd1.model.model_config).__name__ == "SD15"
+    assert sd2_clip.tokenize("a cat") and type(sd2_clip.cond_stage_model).__name__ == "SD2ClipModel"
