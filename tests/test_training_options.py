@@ -187,3 +187,19 @@ def test_degradation_options_come_from_the_config(tmp_path, setup):
                                  data={"realesrgan": {"first": {"resize_mode_probs": [0.5, 0.6, 0.0]}}}))
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) in 'data.realesrgan.second': noise"):
         load_config(write_config(tmp_path, setup, data={"realesrgan": {"second": {"noise": [1, 2]}}}))
+
+
+def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
+    # With a text encoder in the generator checkpoint, the trainable embedding starts as SD2.1's
+    # encoding of "" (D3SR.md), computed here independently through ComfyUI's checkpoint loader.
+    import comfy.sd
+
+    from d3sr_core import synthetic
+    ckpt = synthetic.write_checkpoint(str(tmp_path / "tiny-sd2-clip.safetensors"), seed=0, text_encoder=True)
+    models = {"generator": ckpt, "discriminator": setup["discriminator"]}
+    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
+    _m, clip, _v, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_model=False, output_vae=False)
+    expected = clip.encode_from_tokens(clip.tokenize("")).float()
+    assert expected.shape == (1, 77, 1024) and float(expected.abs().max()) > 0
+    assert torch.allclose(trainer.G.embedding.detach(), expected, rtol=0, atol=1e-6)
+    assert trainer.G.embedding.requires_grad
