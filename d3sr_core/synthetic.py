@@ -87,7 +87,7 @@ def build_sd2_text_encoder(seed: int = 2) -> torch.nn.Module:
 
 
 def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: int = 0,
-                     text_encoder: bool = False) -> str:
+                     text_encoder: bool = False, extra_tensors: dict | None = None) -> str:
     """Write an SD-style checkpoint (model.diffusion_model.* + first_stage_model.*) that ComfyUI's
     CheckpointLoaderSimple loads. With `text_encoder` (SD2 configs only) it also holds a seeded
     SD2 text encoder in fp16 (cond_stage_model.model.*, 0.7 GB), so the loader returns a real
@@ -100,6 +100,7 @@ def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: 
         clip_sd = build_sd2_text_encoder(seed + 2).state_dict()
         saved = comfy.supported_models.SD20(unet_config).process_clip_state_dict_for_saving(clip_sd)
         sd.update({k: v.half() for k, v in saved.items()})
+    sd.update(extra_tensors or {})
     atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
     return path
 
@@ -149,9 +150,18 @@ MINI_SDXL_UNET_CONFIG = dict(
     TINY_SDXL_UNET_CONFIG, model_channels=64)
 
 
-def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0) -> str:
-    """Write an SDXL-style checkpoint (model.diffusion_model.* + first_stage_model.*, no text
-    encoders) with an SDXL-shaped UNet. Returns `path`."""
+def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0,
+                          text_encoders: bool = False) -> str:
+    """Write an SDXL-style checkpoint (model.diffusion_model.* + first_stage_model.*) with an
+    SDXL-shaped UNet. With `text_encoders` it also holds ComfyUI's SDXL text encoders (CLIP-L and
+    OpenCLIP bigG, full size, seeded, fp16, conditioner.embedders.*: 1.6 GB). Returns `path`."""
     if unet_config.get("context_dim") != 2048 or unet_config.get("adm_in_channels") != 2816:
         raise ValueError("an SDXL-shaped UNet config needs context_dim 2048 and adm_in_channels 2816")
-    return write_checkpoint(path, unet_config, seed)
+    extra = {}
+    if text_encoders:
+        import comfy.supported_models
+        from comfy import sdxl_clip
+        clip = seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), seed + 2)
+        saved = comfy.supported_models.SDXL(unet_config).process_clip_state_dict_for_saving(clip.state_dict())
+        extra = {k: v.half() if v.is_floating_point() else v for k, v in saved.items()}
+    return write_checkpoint(path, unet_config, seed, extra_tensors=extra)

@@ -203,3 +203,23 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
     assert expected.shape == (1, 77, 1024) and float(expected.abs().max()) > 0
     assert torch.allclose(trainer.G.embedding.detach(), expected, rtol=0, atol=1e-6)
     assert trainer.G.embedding.requires_grad
+
+
+def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, setup):
+    # The SDXL file's own text encoders (full-size CLIP-L + bigG, seeded) give the empty-prompt
+    # context and pooled vector. Reference: ComfyUI's SDXLClipModel built in memory with the same
+    # seeded weights (rounded to fp16 as stored), fed the tokenizer's "" directly.
+    from comfy import sdxl_clip
+
+    from d3sr_core import synthetic
+    path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7, text_encoders=True)
+    models = {"generator": setup["generator"], "discriminator": path}
+    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
+    ref = synthetic.seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), 7 + 2)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+        context, pooled = ref.encode_token_weights(sdxl_clip.SDXLTokenizer().tokenize_with_weights(""))[:2]
+    assert float(context.abs().max()) > 0 and float(pooled.abs().max()) > 0
+    assert torch.allclose(trainer.D.context, context.float(), rtol=0, atol=1e-5)
+    assert torch.allclose(trainer.D.pooled, pooled.float(), rtol=0, atol=1e-5)

@@ -85,12 +85,41 @@ def sdxl_empty_conditioning(path: str, cache_file: str | None = None) -> tuple[t
         log.warning("the discriminator checkpoint has no text encoders: SDXL's empty-prompt "
                     "conditioning is zeros (set models.sdxl_conditioning_file for the real one)")
         return torch.zeros(CONTEXT_SHAPE), torch.zeros(POOLED_SHAPE)
-    import comfy.sd
-    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=True,
-                                                           output_model=False)
+    clip = load_sdxl_text_encoders(path)
     ctx, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     del clip
     return ctx.float().cpu(), pooled.float().cpu()
+
+
+def load_sdxl_text_encoders(path: str):
+    """ComfyUI's SDXL CLIP (CLIP-L + OpenCLIP bigG) from an SDXL checkpoint, reading only the
+    text-encoder tensors. It goes through ComfyUI's SDXL model config (key conversion, CLIP
+    target) as its checkpoint loader does, but with the UNet layout from our own check, so any
+    SDXL-shaped file works, not only those ComfyUI's UNet detection knows."""
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
+    model_config = comfy.supported_models.SDXL(config)
+    wanted = "conditioner.embedders."
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
+    else:
+        sd = {k: v for k, v in comfy.utils.load_torch_file(path).items() if k.startswith(wanted)}
+    clip_sd = model_config.process_clip_state_dict(sd)
+    if not clip_sd:
+        raise ValueError(f"discriminator checkpoint '{path}' has no SDXL text encoders "
+                         "(conditioner.embedders.0/1)")
+    clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_sd), tokenizer_data=clip_sd,
+                         parameters=comfy.utils.calculate_parameters(clip_sd))
+    missing, _unexpected = clip.load_sd(clip_sd, full_model=True)
+    missing = [k for k in missing if ".logit_scale" not in k and ".text_projection.weight" not in k]
+    if missing:
+        raise ValueError(f"discriminator checkpoint '{path}': {len(missing)} text-encoder tensors are "
+                         f"missing (e.g. {missing[:3]})")
+    return clip
 
 
 def size_conditioning(pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
