@@ -117,8 +117,8 @@ def main() -> int:
     p.add_argument("--no-tiled", action="store_true", help="skip the tiled path")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="check the script's plumbing on a CPU with the tiny UNet and 16 -> 64 (no timings "
-                        "worth reporting; writes to --out-dir)")
+                   help="check the script's plumbing on a CPU with the tiny UNet and 16 -> 64 (prints one "
+                        "row, writes nothing: no timings worth reporting)")
     args = p.parse_args()
 
     import torch
