@@ -35,7 +35,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def _config(setup: dict, out: str, crop: int, batch: int, device: str, precision: str,
-            rank: int, pretrained_vgg: bool):
+            rank: int, pretrained_vgg: bool, degradation: str = "bicubic"):
     import yaml
 
     from training.config import load_config, merge
@@ -49,7 +49,7 @@ def _config(setup: dict, out: str, crop: int, batch: int, device: str, precision
         "discriminator": {"lora_rank": rank, "lora_alpha": rank},
         "loss": {"pretrained_vgg": pretrained_vgg},
         "train": {"crop": crop, "batch_size": batch, "precision": precision},
-        "data": {"folders": [setup["data"]]},
+        "data": {"folders": [setup["data"]], "degradation": degradation},
     })
     path = os.path.join(out, "bench.yaml")
     os.makedirs(out, exist_ok=True)
@@ -146,7 +146,7 @@ def bench_gpu(steps: int) -> str:
         for batch in (1, 8):
             torch.cuda.reset_peak_memory_stats()
             cfg = _config(setup, os.path.join(tmp, f"out{batch}"), crop=512, batch=batch, device="cuda",
-                          precision="bf16", rank=16, pretrained_vgg=False)
+                          precision="bf16", rank=16, pretrained_vgg=False, degradation="realesrgan")
             trainer = Trainer(cfg)
             sec = time_steps(trainer, batch, 512, steps)
             rows.append(f"| {batch} | {1 / sec:.3f} | {sec:.3f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |")
@@ -159,7 +159,8 @@ def bench_gpu(steps: int) -> str:
         "",
         "Full SD2.1 UNet + KL VAE generator (LoRA 16/16), SDXL-base input + middle blocks discriminator "
         "(LoRA 16/16, 1280->1280->1 head), 512x512 crops, bf16 autocast and frozen weights, EA-DISTS "
-        f"(VGG16 random weights, same cost as pretrained), bicubic degradation; {steps} timed steps.",
+        f"(VGG16 random weights, same cost as pretrained), Real-ESRGAN degradation on the GPU; {steps} "
+        "timed steps.",
         "",
         "| batch | steps/s | s/step | peak CUDA memory (GiB) |",
         "|---|---|---|---|",

@@ -41,7 +41,7 @@ class D3SRModel:
 
 
 _FAMILY_BY_CONTEXT = {768: "an SD1.x model", 1024: "an SD2.x model", 2048: "an SDXL model"}
-_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetensors) with the stock "
+BASE_MODEL_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetensors) with the stock "
         "'Load Checkpoint' node and connect its MODEL and VAE.")
 
 
@@ -54,11 +54,11 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE)
         family = _FAMILY_BY_CONTEXT.get(context, f"a model with context width {context}")
         raise BaseModelMismatchError(
             f"D3SR needs SD2.1-base (context width 1024) but the connected MODEL is {family} "
-            f"({type(base.model_config).__name__}). {_FIX}")
+            f"({type(base.model_config).__name__}). {BASE_MODEL_FIX}")
     if base.model_type != comfy.model_base.ModelType.EPS:
         raise BaseModelMismatchError(
             f"D3SR needs the epsilon-prediction SD2.1-base, but the connected MODEL predicts "
-            f"{base.model_type.name} (SD2.1-768 'v' models do not work). {_FIX}")
+            f"{base.model_type.name} (SD2.1-768 'v' models do not work). {BASE_MODEL_FIX}")
     _check_model_sampling(model)
     if getattr(vae, "latent_channels", None) != 4 or getattr(vae, "latent_dim", 2) != 2:
         raise BaseModelMismatchError(
@@ -115,7 +115,7 @@ def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) 
         if misshaped:
             parts.append(f"{len(misshaped)} have the wrong shape (e.g. {'; '.join(misshaped[:2])})")
         raise BaseModelMismatchError("The weight file does not fit the connected model: "
-                                     + "; ".join(parts) + f". {_FIX}")
+                                     + "; ".join(parts) + f". {BASE_MODEL_FIX}")
     patches = comfy.lora.load_lora(weights.lora_state_dict(), to_load, log_missing=False)
     if len(patches) != len(to_load):
         raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} LoRA layers; "
@@ -139,7 +139,7 @@ def full_weight_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWe
             patches[key] = ("diff", (new.float() - base.float().cpu(),))
     if problems:
         raise BaseModelMismatchError(f"{len(problems)} of {len(weights.full_weights)} full weights do "
-                                     f"not fit the connected model (e.g. {'; '.join(problems[:2])}). {_FIX}")
+                                     f"not fit the connected model (e.g. {'; '.join(problems[:2])}). {BASE_MODEL_FIX}")
     return patches
 
 
@@ -160,7 +160,7 @@ def vae_lora_patches(vae: comfy.sd.VAE, weights: D3SRWeights) -> dict:
             to_load[name] = target
     if problems:
         raise BaseModelMismatchError(f"{len(problems)} of {len(weights.vae_lora)} VAE LoRA layers do "
-                                     f"not fit the connected VAE (e.g. {'; '.join(problems[:2])}). {_FIX}")
+                                     f"not fit the connected VAE (e.g. {'; '.join(problems[:2])}). {BASE_MODEL_FIX}")
     patches = comfy.lora.load_lora(weights.vae_lora_state_dict(), to_load, log_missing=False)
     if len(patches) != len(to_load):
         raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} VAE LoRA "

@@ -33,19 +33,27 @@ def _rows(path: Path) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
-def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup):
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group_with_data_worker"])
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup, to_group):
+    # to_group: a scheduler (or Ctrl-C in a terminal) signals every process of the job, the
+    # DataLoader worker included; the worker must keep serving so the main process can checkpoint.
     from d3sr_core.weight_format import read_weights
     from training.checkpoint import list_checkpoints, load_checkpoint
     config = write_config(tmp_path, setup, train={"steps": 10_000},
+                          data={"num_workers": 1 if to_group else 0},
                           log={"checkpoint_every": 10_000, "every": 1, "progress": False})
     proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     log = tmp_path / "out" / "log.jsonl"
     deadline = time.time() + 240
     while _rows(log) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out

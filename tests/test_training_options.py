@@ -81,6 +81,64 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, setup):
     _assert_close(_grads(plain), _grads(ckpt), 1e-5)
 
 
+def _saved_bytes(forward, *args) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward(*args)` runs (checkpointed
+    regions keep theirs through their own inner hooks, so they are not counted here)."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(*args)
+    return total[0]
+
+
+def test_gradient_checkpointing_frees_activations(tmp_path, setup):
+    # Checkpointing must really drop the blocks' activations (ComfyUI's UNet calls the layers inside
+    # each block, so wrapping the wrong module is a silent no-op): G and D each keep under half.
+    batch = fixed_batch(4, crop=32)
+    kept = {}
+    for on in (False, True):
+        trainer = Trainer(load_config(_frozen_lr_config(
+            tmp_path, setup, train={"crop": 32, "gradient_checkpointing": on})))
+        b = trainer.prepare(batch, 0)
+        kept[on] = (_saved_bytes(trainer.G, b["z_l"]),
+                    _saved_bytes(trainer.D, b["z_h"], b["t_real"], (32, 32)))
+    for i, net in enumerate(("G", "D")):
+        assert kept[True][i] < 0.5 * kept[False][i], (net, kept)
+
+
+def test_adversarial_gradient_reaches_g_but_not_d(tmp_path, setup):
+    # lambda_gan changes only the G step: G's gradients differ between 0 and 0.5, while D's
+    # gradients (from its own step) are bit-identical, so the G step added nothing to them.
+    batch = fixed_batch(6, crop=32)
+    grads = {}
+    for lam in (0.0, 0.5):
+        trainer = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32},
+                                                        loss={"lambda_gan": lam})))
+        trainer.update([trainer.prepare(batch, 0)])
+        grads[lam] = _grads(trainer)
+    g_keys = [k for k in grads[0.0] if k.startswith("G.")]
+    d_keys = [k for k in grads[0.0] if k.startswith("D.")]
+    assert g_keys and d_keys
+    for k in d_keys:
+        assert torch.equal(grads[0.0][k], grads[0.5][k]), k
+    diff = max(float((grads[0.0][k] - grads[0.5][k]).abs().max()) for k in g_keys)
+    scale = max(float(grads[0.0][k].abs().max()) for k in g_keys)
+    assert diff > 1e-3 * scale, (diff, scale)
+
+
+def test_config_rejects_values_that_cannot_work(tmp_path, setup):
+    from training.config import ConfigError
+    for sections, message in (({"log": {"every": 0}}, "log.every must be >= 1"),
+                              ({"log": {"eval_every": 0}}, "log.eval_every must be >= 1"),
+                              ({"train": {"batch_size": 3}, "optim": {"grad_accum": 2}},
+                               r"train.batch_size \(3\) must be divisible by optim.grad_accum \(2\)")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path, setup, **sections))
+
+
 def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
     decay = 0.8
     trainer = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
@@ -101,6 +159,21 @@ def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
     assert torch.equal(a, trainer.ema[f"lora.lora_A.{key}"].float())
     # ...and it is not simply the live weights.
     assert not torch.equal(b, trainer.G.lora.lora_B[key].detach())
+
+
+def test_resume_with_ema_newly_enabled_starts_it_from_the_loaded_weights(tmp_path, setup):
+    plain = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2})))
+    for step in range(2):
+        plain.train_step([fixed_batch(step)])
+    state = plain.state_dict()
+    assert state["ema"] is None
+    resumed = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
+                                               train={"ema_decay": 0.9})))
+    resumed.load_state_dict(state)
+    for k, v in resumed.G.state_dict().items():
+        assert torch.equal(resumed.ema[k], v), k
+    # The loaded weights are trained ones (LoRA B starts at zero), not the fresh initialisation.
+    assert any(float(v.abs().max()) > 0 for k, v in resumed.ema.items() if "lora_B" in k)
 
 
 def test_bf16_autocast_step_tracks_fp32(tmp_path, setup):

@@ -60,20 +60,24 @@ def prune(folder: str, keep: int) -> None:
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states."""
+    """Python, numpy and torch CPU generator states, and the current CUDA device's (the trainer
+    draws its own randomness from seeded CPU generators; these cover library code)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; the CUDA state goes to the current device (so a checkpoint moves
+    between machines with different GPU counts; older lists of per-device states are skipped)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def load_checkpoint(path: str) -> dict:

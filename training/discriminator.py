@@ -24,7 +24,7 @@ from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.schedule import alphas_cumprod
 
 from .lora import LoRASet, freeze
-from .model_files import check_discriminator_file
+from .model_files import ModelFileError, check_discriminator_file
 
 log = logging.getLogger("d3sr.train")
 KEPT_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
@@ -62,7 +62,7 @@ def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
     tensors = _read_tensors(path, lambda k: k.startswith(PREFIX) and k[len(PREFIX):].startswith(KEPT_PREFIXES))
     missing, unexpected = unet.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ValueError(f"discriminator checkpoint '{path}': {len(missing)} missing / "
+        raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} missing / "
                          f"{len(unexpected)} unexpected UNet tensors (e.g. {(missing or unexpected)[:3]})")
     unet.to(dtype=dtype)
     unet.config = config
@@ -78,7 +78,7 @@ def sdxl_empty_conditioning(path: str, cache_file: str | None = None) -> tuple[t
         data = load_file(cache_file)
         ctx, pooled = data["context"].float(), data["pooled"].float()
         if tuple(ctx.shape) != CONTEXT_SHAPE or tuple(pooled.shape) != POOLED_SHAPE:
-            raise ValueError(f"SDXL conditioning file '{cache_file}' holds {list(ctx.shape)} / "
+            raise ModelFileError(f"SDXL conditioning file '{cache_file}' holds {list(ctx.shape)} / "
                              f"{list(pooled.shape)}, expected {list(CONTEXT_SHAPE)} / {list(POOLED_SHAPE)}")
         return ctx, pooled
     if not check_discriminator_file(path)["_has_text_encoder"]:
@@ -110,14 +110,14 @@ def load_sdxl_text_encoders(path: str):
         sd = {k: v for k, v in comfy.utils.load_torch_file(path).items() if k.startswith(wanted)}
     clip_sd = model_config.process_clip_state_dict(sd)
     if not clip_sd:
-        raise ValueError(f"discriminator checkpoint '{path}' has no SDXL text encoders "
+        raise ModelFileError(f"discriminator checkpoint '{path}' has no SDXL text encoders "
                          "(conditioner.embedders.0/1)")
     clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_sd), tokenizer_data=clip_sd,
                          parameters=comfy.utils.calculate_parameters(clip_sd))
     missing, _unexpected = clip.load_sd(clip_sd, full_model=True)
     missing = [k for k in missing if ".logit_scale" not in k and ".text_projection.weight" not in k]
     if missing:
-        raise ValueError(f"discriminator checkpoint '{path}': {len(missing)} text-encoder tensors are "
+        raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} text-encoder tensors are "
                          f"missing (e.g. {missing[:3]})")
     return clip
 

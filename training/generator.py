@@ -21,7 +21,7 @@ from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights
 
 from .lora import LoRASet, freeze
-from .model_files import check_generator_file
+from .model_files import ModelFileError, check_generator_file
 
 log = logging.getLogger("d3sr.train")
 
@@ -31,8 +31,16 @@ def load_generator_models(path: str, dtype: torch.dtype = torch.float32):
     Raises ModelFileError for a missing file or another model family."""
     check_generator_file(path)
     import comfy.sd
+
+    from d3sr_core.model import BASE_MODEL_FIX, BaseModelMismatchError, check_base_model
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         path, output_vae=True, output_clip=True, model_options={"dtype": dtype})
+    try:  # the inference loader's check: epsilon SD2.x (SD2.1-768 is v-prediction), SD's VAE
+        check_base_model(model, vae)
+    except BaseModelMismatchError as e:
+        message = str(e).replace(BASE_MODEL_FIX, "Set models.generator to SD2.1-base "
+                                 "(v2-1_512-ema-pruned.safetensors).")
+        raise ModelFileError(f"generator checkpoint '{path}': {message}") from None
     return model, clip, vae
 
 
@@ -44,7 +52,7 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
         from safetensors.torch import load_file
         emb = load_file(cache_file)["text_embedding"].float()
         if tuple(emb.shape) != EMBEDDING_SHAPE:
-            raise ValueError(f"embedding file '{cache_file}' holds shape {list(emb.shape)}, "
+            raise ModelFileError(f"embedding file '{cache_file}' holds shape {list(emb.shape)}, "
                              f"expected {list(EMBEDDING_SHAPE)}")
         return emb
     if clip is None:
@@ -54,13 +62,15 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
     tokens = clip.tokenize("")
     cond = clip.encode_from_tokens(tokens).float().cpu()
     if tuple(cond.shape) != EMBEDDING_SHAPE:
-        raise ValueError(f"the generator's text encoder gives {list(cond.shape)}, expected "
+        raise ModelFileError(f"the generator's text encoder gives {list(cond.shape)}, expected "
                          f"{list(EMBEDDING_SHAPE)}: is this SD2.1-base?")
     return cond
 
 
 def _checkpointed(module: nn.Module) -> None:
-    """Recompute `module`'s activations in backward (non-reentrant checkpointing)."""
+    """Recompute `module`'s activations in backward (non-reentrant checkpointing). Wraps the
+    module's own forward, so it must be a module its parent calls (ComfyUI's UNet calls the
+    children of each TimestepEmbedSequential, never the sequential's forward)."""
     forward = module.forward
 
     def wrapped(*args, **kwargs):
@@ -88,7 +98,8 @@ class Generator(nn.Module):
         self.multiple = pipeline.pixel_multiple(patcher.model)
         if gradient_checkpointing:
             for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-                _checkpointed(block)
+                for layer in block:
+                    _checkpointed(layer)
 
     @property
     def base(self):

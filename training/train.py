@@ -143,7 +143,8 @@ class Trainer:
         tc = cfg.train
         per_rank = tc.batch_size // world
         if tc.batch_size % (world * cfg.optim.grad_accum):
-            raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by ranks ({world}) x "
+            from .config import ConfigError
+            raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by ranks ({world}) x "
                              f"optim.grad_accum ({cfg.optim.grad_accum})")
         self.micro_batch = per_rank // cfg.optim.grad_accum
 
@@ -235,7 +236,6 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         self.scaler.step(opt)
-        self.scaler.update()
         return float(norm)
 
     def train_step(self, hr_micro_batches: list[torch.Tensor]) -> dict[str, float]:
@@ -291,9 +291,10 @@ class Trainer:
         for p in self.d_params:
             p.requires_grad_(True)
         m["grad_norm_g"] = self._clip_and_step(self.g_params, self.opt_g)
+        self.scaler.update()  # once per iteration, after both optimizers stepped
         self._update_ema()
         self.step += 1
-        self._last = {"lr_up": batches[0]["lr_up"][:1], "hr": batches[0]["hr"][:1],
+        self._last = {"lr_up": batches[-1]["lr_up"][:1], "hr": batches[-1]["hr"][:1],
                       "sr": x_hat[:1].detach().clamp(0, 1)}
         m["lr_g"] = self.opt_g.param_groups[0]["lr"]
         m["lr_d"] = self.opt_d.param_groups[0]["lr"]
@@ -322,8 +323,10 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        if self.ema is not None:  # EMA newly enabled on resume: it starts from the loaded weights
+            saved = state.get("ema")
+            self.ema = ({k: v.to(self.device) for k, v in saved.items()} if saved is not None
+                        else {k: v.detach().clone() for k, v in self.G.state_dict().items()})
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -417,6 +420,13 @@ def run_eval(trainer: Trainer, out_dir: str) -> dict[str, float]:
 # Main loop
 # ---------------------------------------------------------------------------------------------
 
+def _workers_ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C / SIGTERM go to the whole process group, but only the main
+    process should act on them (finish the step, checkpoint); the workers keep feeding it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -476,6 +486,7 @@ def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=trainer.micro_batch, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        worker_init_fn=_workers_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None)
     batches = iter(loader)
 
