@@ -11,12 +11,17 @@ import torch.nn.functional as F
 COLOUR_FIXES = ("adain", "wavelet", "none")
 
 
+def channel_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) standard deviation + eps of x [B, C, H, W], each
+    [B, C, 1, 1]. A single pixel has deviation eps (the unbiased estimate would be NaN)."""
+    n = x.shape[-2] * x.shape[-1]
+    return x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True, correction=min(1, n - 1)) + eps
+
+
 def adain(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Give each channel of `image` the mean and standard deviation of `reference`'s."""
-    mu_i = image.mean(dim=(2, 3), keepdim=True)
-    sd_i = image.std(dim=(2, 3), keepdim=True) + eps
-    mu_r = reference.mean(dim=(2, 3), keepdim=True)
-    sd_r = reference.std(dim=(2, 3), keepdim=True) + eps
+    mu_i, sd_i = channel_stats(image, eps)
+    mu_r, sd_r = channel_stats(reference, eps)
     return (image - mu_i) / sd_i * sd_r + mu_r
 
 

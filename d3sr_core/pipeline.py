@@ -28,6 +28,20 @@ class D3SROutOfMemoryError(RuntimeError):
     """Raised when one upscale does not fit in device memory."""
 
 
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "failed to allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for ComfyUI's OOM exception (CUDA) and for the plain RuntimeErrors that CPU and MPS
+    allocators raise when memory runs out ("DefaultCPUAllocator: can't allocate memory", "MPS
+    backend out of memory")."""
+    if isinstance(error, D3SROutOfMemoryError):  # our own final verdict: not retried
+        return False
+    if isinstance(error, mm.OOM_EXCEPTION):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+
+
 def output_size(height: int, width: int, factor: float) -> tuple[int, int]:
     """The exact output size round(factor * size), at least 1 pixel."""
     return max(1, round(height * factor)), max(1, round(width * factor))
@@ -138,7 +152,9 @@ def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fi
         oom = False
         try:
             outputs.append(upscale_one(d3sr, lr, factor, colour_fix))
-        except mm.OOM_EXCEPTION:
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
             oom = True  # handled outside the except block so the failed pass's tensors are freed
         if oom:
             # Retry through tiles, halving the tile down to a floor; that path logs what it does

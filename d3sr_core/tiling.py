@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import pipeline
-from .colour_fix import COLOUR_FIXES, low_frequency
+from .colour_fix import COLOUR_FIXES, channel_stats, low_frequency
 from .model import D3SRModel
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,15 @@ def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
     """
     if length <= tile:
         return [Span(0, length, 0, 0)]
-    overlap = max(0, min(overlap, tile // 2 // align * align))
+    # Starts snap to `align`, so the overlap is kept in whole steps (rounded up, at most half a tile).
+    overlap = max(0, min(_round_up(overlap, align), tile // 2 // align * align))
     n = math.ceil((length - overlap) / (tile - overlap))
-    size = min(tile, _round_up(math.ceil((length + (n - 1) * overlap) / n), align))
-    starts = [round(i * (length - size) / (n - 1) / align) * align for i in range(n)]
+    while True:
+        size = min(tile, _round_up(math.ceil((length + (n - 1) * overlap) / n), align))
+        starts = [round(i * (length - size) / (n - 1) / align) * align for i in range(n)]
+        if all(b - a <= size - overlap for a, b in zip(starts, starts[1:])):
+            break
+        n += 1  # snapping the starts ate into an overlap: one more tile
     spans = []
     for i, start in enumerate(starts):
         ramp_in = starts[i - 1] + size - start if i > 0 else 0
@@ -263,11 +268,8 @@ def colour_fix_(image: torch.Tensor, reference: torch.Tensor, method: str,
         return image.clamp_(0.0, 1.0)
     if method == "adain":
         # Statistics over the whole image (as colour_fix.adain); the affine map per strip.
-        eps = 1e-5
-        mu_i = image.mean(dim=(2, 3), keepdim=True)
-        sd_i = image.std(dim=(2, 3), keepdim=True) + eps
-        mu_r = reference.mean(dim=(2, 3), keepdim=True)
-        sd_r = reference.std(dim=(2, 3), keepdim=True) + eps
+        mu_i, sd_i = channel_stats(image)
+        mu_r, sd_r = channel_stats(reference)
         for y in range(0, h, strip):
             rows = image[..., y: y + strip, :]
             rows.copy_(((rows - mu_i) / sd_i * sd_r + mu_r).clamp(0, 1))
@@ -348,6 +350,7 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
     """
     min_tile = MIN_TILE if min_tile is None else min_tile
     pipeline.check_image(image)
+    image = image.cpu()  # the full-size buffers live in host memory; tiles go to the device
     if not 1.0 <= factor <= pipeline.MAX_FACTOR:
         raise ValueError(f"upscale factor {factor} is outside 1..{pipeline.MAX_FACTOR:g}")
     if tile < 8 or overlap < 0 or vae_tile < 0:
@@ -371,7 +374,9 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
             try:
                 _upscale_one_tiled(d3sr, lr, colour_fix, result[i: i + 1], plan, step)
                 break
-            except mm.OOM_EXCEPTION:
+            except Exception as e:
+                if not pipeline.is_out_of_memory(e):
+                    raise
                 oom = True  # retried outside the handler, so the failed tile's tensors are freed
             if oom:
                 mm.soft_empty_cache()

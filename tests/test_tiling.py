@@ -31,6 +31,22 @@ def smooth_image(h: int, w: int) -> torch.Tensor:
     return torch.stack(chans, -1)[None]
 
 
+def test_layout_keeps_the_requested_overlap_after_alignment():
+    # SD2.1 tiles start on 8-latent (64 px) steps: an overlap that is not a whole step is rounded up,
+    # never down to a hard cut. Brute force over lengths, overlaps and alignments.
+    for align in (1, 2, 8):
+        for tile in (8 * align, 64):
+            tile = tile // align * align
+            for overlap in range(0, tile // 2 + 1):
+                for length in range(align, 40 * align + 1, align):
+                    spans = tiling.layout(length, tile, overlap, align)
+                    assert spans[0].start == 0 and spans[-1].stop == length
+                    kept = min(overlap, tile // 2 // align * align)
+                    for a, b in zip(spans, spans[1:]):
+                        assert a.stop - b.start >= kept, (length, tile, overlap, align, spans)
+                        assert b.start % align == 0 and a.size <= tile
+
+
 @pytest.mark.parametrize("length,tile,overlap,align", [(10, 4, 1, 1), (160, 48, 16, 8), (37, 8, 2, 1),
                                                        (64, 64, 8, 2), (30, 8, 8, 2), (100, 12, 6, 2)])
 def test_layout_covers_with_weights_summing_to_one(length, tile, overlap, align):
@@ -135,26 +151,33 @@ def test_interrupt_is_checked_between_tiles(d3sr, progress):
     assert not mm.processing_interrupted()
 
 
-def oom_above(monkeypatch, max_latent_pixels: int) -> list[tuple[int, int]]:
-    """Make pipeline.predict_x0 raise ComfyUI's OOM exception for latents larger than
-    `max_latent_pixels`; returns the list of latent sizes it was called with."""
+# What running out of memory raises: ComfyUI's OOM exception (CUDA), and the plain RuntimeError
+# of torch's CPU allocator (message as torch 2.x prints it).
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+           "you tried to allocate 1 bytes.")
+
+
+def oom_above(monkeypatch, max_latent_pixels: int, cpu: bool = False) -> list[tuple[int, int]]:
+    """Make pipeline.predict_x0 raise an out-of-memory error (ComfyUI's, or the CPU allocator's
+    with `cpu`) for latents larger than `max_latent_pixels`; returns the latent sizes it saw."""
     real, seen = pipeline.predict_x0, []
 
     def predict(base_model, z, *args, **kwargs):
         seen.append(tuple(z.shape[-2:]))
         if z.shape[-2] * z.shape[-1] > max_latent_pixels:
-            raise mm.OOM_EXCEPTION("simulated out of memory")
+            raise RuntimeError(CPU_OOM) if cpu else mm.OOM_EXCEPTION("simulated out of memory")
         return real(base_model, z, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "predict_x0", predict)
     return seen
 
 
-def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog):
+@pytest.mark.parametrize("cpu", [False, True], ids=["comfy_oom", "cpu_allocator"])
+def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog, cpu):
     image = smooth_image(24, 32)                           # -> 96 x 128, latent 12 x 16
     expected = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=32)
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
-    seen = oom_above(monkeypatch, 4 * 4)                   # only 32 px tiles fit
+    seen = oom_above(monkeypatch, 4 * 4, cpu)              # only 32 px tiles fit
     with caplog.at_level(logging.WARNING):
         out = pipeline.upscale(d3sr, image, 4.0, "adain")
     assert seen[0] == (12, 16) and (8, 8) in seen and seen[-1] == (4, 4)   # whole, 64 px, 32 px
@@ -163,6 +186,23 @@ def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog):
     text = caplog.text
     assert "out of memory upscaling 32x24 to 128x96 in one piece" in text
     assert "retrying image 1 of 1 with 32 px tiles" in text
+
+
+def test_other_runtime_errors_are_not_taken_for_oom(d3sr, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(pipeline, "predict_x0", broken)
+    for run in (lambda: pipeline.upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none"),
+                lambda: tiling.upscale_tiled(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none", tile=32)):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            run()
+
+
+def test_one_pixel_output_gets_the_reference_colour(d3sr):
+    # AdaIN on 1 pixel: the unbiased deviation would be NaN; the limit is the reference's mean.
+    out = pipeline.upscale(d3sr, torch.full((1, 1, 1, 3), 0.25), 1.0, "adain")
+    assert out.shape == (1, 1, 1, 3) and torch.isfinite(out).all()
+    assert torch.allclose(out, torch.full_like(out, 0.25), atol=1e-4)
 
 
 def test_oom_even_at_the_floor_is_a_clear_error(d3sr, monkeypatch):
