@@ -30,12 +30,13 @@ import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
 from d3sr_core import host  # noqa: E402
+from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def _config(setup: dict, out: str, crop: int, batch: int, device: str, precision: str,
-            rank: int, pretrained_vgg: bool, degradation: str = "bicubic"):
+            rank: int, pretrained_vgg: bool, degradation: str = "bicubic", checkpointing: bool = False):
     import yaml
 
     from training.config import load_config, merge
@@ -48,7 +49,8 @@ def _config(setup: dict, out: str, crop: int, batch: int, device: str, precision
         "generator": {"lora_rank": rank, "lora_alpha": rank},
         "discriminator": {"lora_rank": rank, "lora_alpha": rank},
         "loss": {"pretrained_vgg": pretrained_vgg},
-        "train": {"crop": crop, "batch_size": batch, "precision": precision},
+        "train": {"crop": crop, "batch_size": batch, "precision": precision,
+                  "gradient_checkpointing": checkpointing},
         "data": {"folders": [setup["data"]], "degradation": degradation},
     })
     path = os.path.join(out, "bench.yaml")
@@ -106,9 +108,7 @@ def bench_cpu(steps: int) -> str:
         "Command: `python benchmarks/bench_training.py`",
         "",
     ])
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "training_cpu.md"), "w") as f:
-        f.write(text)
+    write_text_atomic(os.path.join(RESULTS, "training_cpu.md"), text)
     return text
 
 
@@ -139,20 +139,7 @@ def bench_gpu(steps: int) -> str:
     host.import_comfy(cpu=False)
     from training.train import Trainer, prepare_tiny_setup
     card = torch.cuda.get_device_name(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        setup = prepare_tiny_setup(os.path.join(tmp, "tiny"), images=2, size=520)
-        setup.update(_write_full_checkpoints(tmp))
-        for batch in (1, 8):
-            torch.cuda.reset_peak_memory_stats()
-            cfg = _config(setup, os.path.join(tmp, f"out{batch}"), crop=512, batch=batch, device="cuda",
-                          precision="bf16", rank=16, pretrained_vgg=False, degradation="realesrgan")
-            trainer = Trainer(cfg)
-            sec = time_steps(trainer, batch, 512, steps)
-            rows.append(f"| {batch} | {1 / sec:.3f} | {sec:.3f} | {torch.cuda.max_memory_allocated() / 2**30:.1f} |")
-            del trainer
-            torch.cuda.empty_cache()
-    text = "\n".join([
+    header = [
         "# Training benchmark, GPU, paper architecture (random weights)",
         "",
         f"Card: {card}. Machine: {machine_name()}",
@@ -162,15 +149,33 @@ def bench_gpu(steps: int) -> str:
         f"(VGG16 random weights, same cost as pretrained), Real-ESRGAN degradation on the GPU; {steps} "
         "timed steps.",
         "",
-        "| batch | steps/s | s/step | peak CUDA memory (GiB) |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+        "| batch | gradient checkpointing | steps/s | s/step | peak CUDA memory (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    rows: list[str] = []
+    path = os.path.join(RESULTS, "training_gpu.md")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "training_gpu.md"), "w") as f:
-        f.write(text)
-    return text
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = prepare_tiny_setup(os.path.join(tmp, "tiny"), images=2, size=520)
+        setup.update(_write_full_checkpoints(tmp))
+        for batch, ckpt in ((1, False), (8, False), (8, True)):
+            torch.cuda.reset_peak_memory_stats()
+            cfg = _config(setup, os.path.join(tmp, f"out{batch}{ckpt}"), crop=512, batch=batch, device="cuda",
+                          precision="bf16", rank=16, pretrained_vgg=False, degradation="realesrgan",
+                          checkpointing=ckpt)
+            trainer = None
+            try:
+                trainer = Trainer(cfg)
+                sec = time_steps(trainer, batch, 512, steps)
+                rows.append(f"| {batch} | {'on' if ckpt else 'off'} | {1 / sec:.3f} | {sec:.3f} | "
+                            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} |")
+            except torch.cuda.OutOfMemoryError:
+                rows.append(f"| {batch} | {'on' if ckpt else 'off'} | out of memory | | "
+                            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} |")
+            del trainer
+            torch.cuda.empty_cache()
+            write_text_atomic(path, "\n".join(header + rows) + "\n")  # each row as it is measured
+    return "\n".join(header + rows) + "\n"
 
 
 def main() -> None:

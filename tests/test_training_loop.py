@@ -145,6 +145,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, setup):
     assert train(load_config(write_config(full_dir, setup))) == 0
     full = _losses(str(full_dir / "out" / "log.jsonl"))
     assert train(load_config(write_config(cut_dir, setup, train={"steps": 2}))) == 0
+    with open(cut_dir / "out" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss_d": 0.')          # a row cut off by a crash: skipped on resume
     assert train(load_config(write_config(cut_dir, setup)), resume=True) == 0
     resumed = _losses(str(cut_dir / "out" / "log.jsonl"))
     assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
@@ -187,9 +189,21 @@ def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     assert (plain - ours).abs().max().item() > 1e-3
 
 
+def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys):
+    config = write_config(tmp_path, setup, train={"steps": 2})
+    assert main(["--config", config]) == 0
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.name == "step-0000002.pt" for p in before)
+    assert main(["--config", config]) == 2
+    assert "already holds checkpoints (up to step 2): pass --resume" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before                                   # nothing of the first run touched
+
+
 @pytest.mark.parametrize("case", ["missing_generator", "sdxl_as_generator", "sd2_as_discriminator",
                                   "v_prediction_generator", "empty_folder", "small_images", "bad_timestep",
-                                  "indivisible_batch"])
+                                  "indivisible_batch", "eval_without_ground_truth", "eval_wrong_scale"])
 def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypatch):
     from PIL import Image
     models = {"generator": setup["generator"], "discriminator": setup["discriminator"]}
@@ -204,6 +218,8 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
         "bad_timestep": "T_L",
         "v_prediction_generator": "predicts V_PREDICTION (SD2.1-768 'v' models do not work)",
         "indivisible_batch": "must be divisible by optim.grad_accum",
+        "eval_without_ground_truth": "has no ground truth named 'b.*'",
+        "eval_wrong_scale": "LR 10x10 x4 is not the ground truth's 20x20",
     }[case]
     if case == "missing_generator":
         models["generator"] = str(tmp_path / "nope.safetensors")
@@ -230,6 +246,14 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
     elif case == "indivisible_batch":
         extra["train"] = {"batch_size": 3}
         extra["optim"] = {"grad_accum": 2}
+    elif case.startswith("eval_"):
+        (tmp_path / "lr").mkdir()
+        (tmp_path / "gt").mkdir()
+        Image.new("RGB", (10, 10)).save(tmp_path / "lr" / "a.png")
+        Image.new("RGB", (40, 40) if case == "eval_without_ground_truth" else (20, 20)).save(tmp_path / "gt" / "a.png")
+        if case == "eval_without_ground_truth":
+            Image.new("RGB", (10, 10)).save(tmp_path / "lr" / "b.png")
+        extra["log"] = {"eval_lr_folder": str(tmp_path / "lr"), "eval_gt_folder": str(tmp_path / "gt")}
     config = write_config(tmp_path, setup, models=models, data=data, **extra)
     assert main(["--config", config]) == 2
     err = capsys.readouterr().err

@@ -79,14 +79,20 @@ class StopSignal:
         self.signum = signum
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world, local_rank); initialises the process group under torchrun."""
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world, device); under torchrun it initialises the process group: NCCL when this
+    rank trains on a GPU, gloo on CPUs (`device: cpu` on a GPU machine included)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    device = resolve_device(cfg, local_rank)
     if world <= 1:
-        return 0, 1, 0
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("D3SR_FORCE_GLOO") != "1" else "gloo"
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +370,15 @@ class RunLog:
     def __init__(self, cfg: Config, resume_step: int) -> None:
         self.path = os.path.join(cfg.output_dir, "log.jsonl")
         if os.path.exists(self.path):  # drop rows a resumed run will write again
+            rows = []
             with open(self.path, encoding="utf-8") as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            rows.append(line if line.endswith("\n") else line + "\n")
+                    except ValueError:  # a row cut off by a crash
+                        if line.strip():
+                            log.warning("%s: skipping an unreadable row: %.60s", self.path, line)
             write_text_atomic(self.path, "".join(rows))
         self.tb = None
         if cfg.log.tensorboard:
@@ -427,6 +440,58 @@ def _workers_ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _preflight(cfg: Config, ckpt_dir: str, resume: str | bool | None) -> tuple[list[str], str | None]:
+    """Checks made once before training (rank 0): the data, the output folder and the
+    evaluation set. Returns (usable image paths, checkpoint to resume from or None)."""
+    from .checkpoint import latest_checkpoint, list_checkpoints
+    from .config import ConfigError
+    from .data import list_images, scan_images
+    images = scan_images(list_images(cfg.data.folders), cfg.train.crop)[0]
+    existing = list_checkpoints(ckpt_dir)
+    if not resume and existing:
+        raise ConfigError(f"output_dir '{cfg.output_dir}' already holds checkpoints (up to step "
+                          f"{existing[-1][0]}): pass --resume to continue that run, or set another "
+                          "output_dir (nothing was changed)")
+    path = resume if isinstance(resume, str) else latest_checkpoint(ckpt_dir) if resume else None
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"--resume: checkpoint '{path}' not found")
+    if cfg.log.eval_lr_folder or cfg.log.eval_gt_folder:
+        check_eval_set(cfg)
+    return images, path
+
+
+def check_eval_set(cfg: Config) -> None:
+    """ConfigError unless log.eval_lr_folder / eval_gt_folder pair up (every LR image has a
+    ground truth of the same stem, `train.scale` times its size) and the metrics' weights load."""
+    from PIL import Image
+
+    from .config import ConfigError
+    from .data import folder_images
+    lr_dir, gt_dir = cfg.log.eval_lr_folder, cfg.log.eval_gt_folder
+    for name, folder in (("eval_lr_folder", lr_dir), ("eval_gt_folder", gt_dir)):
+        if not folder or not os.path.isdir(folder):
+            raise ConfigError(f"log.{name} '{folder}' is not a folder (set both eval folders, or neither)")
+    lrs = folder_images(lr_dir)
+    if not lrs:
+        raise ConfigError(f"log.eval_lr_folder '{lr_dir}' holds no images")
+    gts = {os.path.splitext(os.path.basename(p))[0]: p for p in folder_images(gt_dir)}
+    scale = cfg.train.scale
+    for p in lrs:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        if stem not in gts:
+            raise ConfigError(f"evaluation image '{p}' has no ground truth named '{stem}.*' in '{gt_dir}'")
+        with Image.open(p) as a, Image.open(gts[stem]) as b:
+            if (round(a.width * scale), round(a.height * scale)) != b.size:
+                raise ConfigError(f"evaluation pair '{stem}': LR {a.width}x{a.height} x{scale} is not the "
+                                  f"ground truth's {b.width}x{b.height}")
+    from .dists import DISTS
+    from .lpips_alex import LPIPSAlex
+    try:
+        LPIPSAlex(), DISTS()
+    except Exception as e:
+        raise ConfigError(f"evaluation during training needs the LPIPS and DISTS weights: {e}") from None
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -443,41 +508,46 @@ def train(cfg: Config, resume: str | bool | None = None) -> int:
 
 def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
     from d3sr_core import host
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(cfg, local_rank)
+    rank, world, device = init_distributed(cfg)
     host.import_comfy(cpu=device.type == "cpu")
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .data import CropDataset, ResumableShardSampler, list_images, scan_images
+    from .checkpoint import load_checkpoint
+    from .data import CropDataset, ResumableShardSampler
 
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    # Data is scanned once (rank 0) and shared, so every rank sees the same file list.
-    box = [None]
+    # Rank 0 checks the run and scans the data once; every rank gets its answer (same file list,
+    # same checkpoint to resume from).
+    box: list = [None]
     if rank == 0:
         try:
-            box[0] = scan_images(list_images(cfg.data.folders), cfg.train.crop)[0]
+            box[0] = _preflight(cfg, ckpt_dir, resume)
         except Exception as e:
             box[0] = e
     if world > 1:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
         raise box[0]
-    trainer = Trainer(cfg, rank, world, device, image_paths=box[0])
+    image_paths, resume_path = box[0]
+    trainer = Trainer(cfg, rank, world, device, image_paths=image_paths)
 
-    if resume:
-        path = resume if isinstance(resume, str) else latest_checkpoint(ckpt_dir)
-        if path is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
-        else:
-            state = load_checkpoint(path)
-            if state.get("world_size", world) != world:
-                log.warning("checkpoint was written with %s ranks, resuming with %s: the data order differs",
-                            state.get("world_size"), world)
-            trainer.load_state_dict(state)
-            log.info("resumed from %s at step %d", path, trainer.step)
+    if resume and resume_path is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+    elif resume_path is not None:
+        state = load_checkpoint(resume_path)
+        if state.get("world_size", world) != world:
+            log.warning("checkpoint was written with %s ranks, resuming with %s: the data order differs",
+                        state.get("world_size"), world)
+        trainer.load_state_dict(state)
+        log.info("resumed from %s at step %d", resume_path, trainer.step)
+    if world > 1:  # every rank must have read the same checkpoint (e.g. output_dir not shared)
+        steps = torch.tensor([trainer.step, -trainer.step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if int(steps[0]) != -int(steps[1]):
+            raise RuntimeError(f"ranks resumed at different steps ({-int(steps[1])}..{int(steps[0])}): "
+                               "output_dir must be on storage every rank sees")
 
     dataset = CropDataset(trainer.image_paths, cfg.train.crop)
     per_step = trainer.micro_batch * cfg.optim.grad_accum
@@ -512,8 +582,6 @@ def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
                 bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss_d", "loss_mse", "loss_perceptual", "loss_gan")})
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
                 save_sample(os.path.join(cfg.output_dir, "samples", f"step-{step:07d}.png"), trainer._last)
-            if cfg.log.eval_lr_folder and cfg.log.eval_gt_folder and step % cfg.log.eval_every == 0:
-                runlog.write(step, run_eval(trainer, os.path.join(cfg.output_dir, "eval", f"step-{step:07d}")))
         stopping = stop.signum is not None
         if world > 1:
             flag = torch.tensor([1.0 if stopping else 0.0], device=device)
@@ -528,6 +596,11 @@ def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
         if stopping:
             log.warning("stopped by signal at step %d (checkpoint written); resume with --resume", step)
             break
+        if rank == 0 and cfg.log.eval_lr_folder and step % cfg.log.eval_every == 0:
+            try:  # after the checkpoint: a failing evaluation costs no training
+                runlog.write(step, run_eval(trainer, os.path.join(cfg.output_dir, "eval", f"step-{step:07d}")))
+            except Exception as e:
+                log.error("step %d: evaluation failed, training goes on: %s: %s", step, type(e).__name__, e)
     if rank == 0:
         if last_saved != trainer.step:
             trainer.save(ckpt_dir)
