@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
 from d3sr_core import pipeline, synthetic  # noqa: E402
+from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 from d3sr_core.model import d3sr_model_from_weights  # noqa: E402
 
 
@@ -74,15 +75,15 @@ def main() -> None:
     node, bare_t = interleaved_medians([lambda: pipeline.upscale(d3sr, lr, 4.0, "none"), bare], args.runs)
     ratio = node / bare_t
     out = ROOT / "benchmarks" / "results" / "node_overhead_cpu.md"
-    out.write_text(
-        "# D3SRUpscale vs the bare forward (tiny test model, 128 -> 512, fp32)\n\n"
-        f"Machine: {machine_name()}\n\n"
-        f"Command: `python benchmarks/bench_node_overhead.py --runs {args.runs}` "
-        f"(median of {args.runs}, runs interleaved)\n\n"
-        "| path | seconds |\n|---|---|\n"
-        f"| bare encode + UNet + decode | {bare_t:.3f} |\n| pipeline.upscale | {node:.3f} |\n\n"
-        f"Ratio node / bare: **{ratio:.3f}** (goal: at most 1.10)\n")
-    print(out.read_text())
+    text = ("# D3SRUpscale vs the bare forward (tiny test model, 128 -> 512, fp32)\n\n"
+            f"Machine: {machine_name()}\n\n"
+            f"Command: `python benchmarks/bench_node_overhead.py --runs {args.runs}` "
+            f"(median of {args.runs}, runs interleaved)\n\n"
+            "| path | seconds |\n|---|---|\n"
+            f"| bare encode + UNet + decode | {bare_t:.3f} |\n| pipeline.upscale | {node:.3f} |\n\n"
+            f"Ratio node / bare: **{ratio:.3f}** (goal: at most 1.10)\n")
+    write_text_atomic(out, text)
+    print(text)
 
 
 if __name__ == "__main__":

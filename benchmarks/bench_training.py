@@ -154,7 +154,6 @@ def bench_gpu(steps: int) -> str:
     ]
     rows: list[str] = []
     path = os.path.join(RESULTS, "training_gpu.md")
-    os.makedirs(RESULTS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         setup = prepare_tiny_setup(os.path.join(tmp, "tiny"), images=2, size=520)
         setup.update(_write_full_checkpoints(tmp))

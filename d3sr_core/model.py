@@ -42,7 +42,7 @@ class D3SRModel:
 
 _FAMILY_BY_CONTEXT = {768: "an SD1.x model", 1024: "an SD2.x model", 2048: "an SDXL model"}
 BASE_MODEL_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetensors) with the stock "
-        "'Load Checkpoint' node and connect its MODEL and VAE.")
+                  "'Load Checkpoint' node and connect its MODEL and VAE.")
 
 
 def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE) -> None:

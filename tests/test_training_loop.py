@@ -218,7 +218,7 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
         "bad_timestep": "T_L",
         "v_prediction_generator": "predicts V_PREDICTION (SD2.1-768 'v' models do not work)",
         "indivisible_batch": "must be divisible by optim.grad_accum",
-        "eval_without_ground_truth": "has no ground truth named 'b.*'",
+        "eval_without_ground_truth": "have no ground truth of the same name in",
         "eval_wrong_scale": "LR 10x10 x4 is not the ground truth's 20x20",
     }[case]
     if case == "missing_generator":
@@ -258,4 +258,6 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
     assert main(["--config", config]) == 2
     err = capsys.readouterr().err
     assert expected in err, err
+    if case == "eval_without_ground_truth":
+        assert "1 image(s) in" in err and "e.g. ['b']" in err, err
     assert not os.path.exists(tmp_path / "out" / "checkpoints")

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -147,8 +146,3 @@ def make_degradation(name: str, scale: int, options=None) -> Callable[[torch.Ten
 
     from .degradation import DegradationConfig, RealESRGANDegradation
     return RealESRGANDegradation(dataclasses.replace(options or DegradationConfig(), scale=scale))
-
-
-def folder_images(folder: str | Path) -> list[str]:
-    """Sorted image files directly in `folder` (evaluation inputs)."""
-    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -34,13 +34,15 @@ PREFIX = "model.diffusion_model."
 
 
 def _read_tensors(path: str, keys_wanted) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint `path` whose names pass `keys_wanted` (safetensors: only those
+    are read)."""
     if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k[len(PREFIX):]: f.get_tensor(k) for k in f.keys() if keys_wanted(k)}
+            return {k: f.get_tensor(k) for k in f.keys() if keys_wanted(k)}
     import comfy.utils
     sd = comfy.utils.load_torch_file(path)
-    return {k[len(PREFIX):]: v for k, v in sd.items() if keys_wanted(k)}
+    return {k: v for k, v in sd.items() if keys_wanted(k)}
 
 
 def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
@@ -59,11 +61,12 @@ def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
     if hasattr(unet, "id_predictor"):
         del unet.id_predictor
     unet.to_empty(device=device)
-    tensors = _read_tensors(path, lambda k: k.startswith(PREFIX) and k[len(PREFIX):].startswith(KEPT_PREFIXES))
+    wanted = _read_tensors(path, lambda k: k.startswith(PREFIX) and k[len(PREFIX):].startswith(KEPT_PREFIXES))
+    tensors = {k[len(PREFIX):]: v for k, v in wanted.items()}
     missing, unexpected = unet.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} missing / "
-                         f"{len(unexpected)} unexpected UNet tensors (e.g. {(missing or unexpected)[:3]})")
+                             f"{len(unexpected)} unexpected UNet tensors (e.g. {(missing or unexpected)[:3]})")
     unet.to(dtype=dtype)
     unet.config = config
     return freeze(unet.eval())
@@ -79,7 +82,7 @@ def sdxl_empty_conditioning(path: str, cache_file: str | None = None) -> tuple[t
         ctx, pooled = data["context"].float(), data["pooled"].float()
         if tuple(ctx.shape) != CONTEXT_SHAPE or tuple(pooled.shape) != POOLED_SHAPE:
             raise ModelFileError(f"SDXL conditioning file '{cache_file}' holds {list(ctx.shape)} / "
-                             f"{list(pooled.shape)}, expected {list(CONTEXT_SHAPE)} / {list(POOLED_SHAPE)}")
+                                 f"{list(pooled.shape)}, expected {list(CONTEXT_SHAPE)} / {list(POOLED_SHAPE)}")
         return ctx, pooled
     if not check_discriminator_file(path)["_has_text_encoder"]:
         log.warning("the discriminator checkpoint has no text encoders: SDXL's empty-prompt "
@@ -101,24 +104,18 @@ def load_sdxl_text_encoders(path: str):
     import comfy.utils
     config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
     model_config = comfy.supported_models.SDXL(config)
-    wanted = "conditioner.embedders."
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
-    else:
-        sd = {k: v for k, v in comfy.utils.load_torch_file(path).items() if k.startswith(wanted)}
+    sd = _read_tensors(path, lambda k: k.startswith("conditioner.embedders."))
     clip_sd = model_config.process_clip_state_dict(sd)
     if not clip_sd:
         raise ModelFileError(f"discriminator checkpoint '{path}' has no SDXL text encoders "
-                         "(conditioner.embedders.0/1)")
+                             "(conditioner.embedders.0/1)")
     clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_sd), tokenizer_data=clip_sd,
                          parameters=comfy.utils.calculate_parameters(clip_sd))
     missing, _unexpected = clip.load_sd(clip_sd, full_model=True)
     missing = [k for k in missing if ".logit_scale" not in k and ".text_projection.weight" not in k]
     if missing:
         raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} text-encoder tensors are "
-                         f"missing (e.g. {missing[:3]})")
+                             f"missing (e.g. {missing[:3]})")
     return clip
 
 

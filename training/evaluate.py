@@ -78,7 +78,8 @@ def pair_files(outputs: str | Path, gt: str | Path) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"no images in {outputs}")
     missing = sorted(set(outs) - set(gts))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} outputs have no ground truth in {gt}, e.g. {missing[:3]}")
+        raise FileNotFoundError(f"{len(missing)} image(s) in {outputs} have no ground truth of the same "
+                                f"name in {gt}, e.g. {missing[:3]}")
     return [(outs[k], gts[k]) for k in sorted(outs)]
 
 

@@ -53,7 +53,7 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
         emb = load_file(cache_file)["text_embedding"].float()
         if tuple(emb.shape) != EMBEDDING_SHAPE:
             raise ModelFileError(f"embedding file '{cache_file}' holds shape {list(emb.shape)}, "
-                             f"expected {list(EMBEDDING_SHAPE)}")
+                                 f"expected {list(EMBEDDING_SHAPE)}")
         return emb
     if clip is None:
         log.warning("the generator checkpoint has no text encoder: the fixed embedding starts "
@@ -63,7 +63,7 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
     cond = clip.encode_from_tokens(tokens).float().cpu()
     if tuple(cond.shape) != EMBEDDING_SHAPE:
         raise ModelFileError(f"the generator's text encoder gives {list(cond.shape)}, expected "
-                         f"{list(EMBEDDING_SHAPE)}: is this SD2.1-base?")
+                             f"{list(EMBEDDING_SHAPE)}: is this SD2.1-base?")
     return cond
 
 

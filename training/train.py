@@ -85,10 +85,11 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     device = resolve_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world <= 1:
         return 0, 1, device
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)
     else:
         dist.init_process_group(backend="gloo")
@@ -151,7 +152,7 @@ class Trainer:
         if tc.batch_size % (world * cfg.optim.grad_accum):
             from .config import ConfigError
             raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by ranks ({world}) x "
-                             f"optim.grad_accum ({cfg.optim.grad_accum})")
+                              f"optim.grad_accum ({cfg.optim.grad_accum})")
         self.micro_batch = per_rank // cfg.optim.grad_accum
 
         # Everything that can be wrong is checked before any large load.
@@ -412,18 +413,15 @@ def save_sample(path: str, last: dict) -> None:
 def run_eval(trainer: Trainer, out_dir: str) -> dict[str, float]:
     """Upscale eval_lr_folder with the current generator, then training.evaluate's metrics
     against eval_gt_folder. Returns {"eval/<metric>": mean}."""
-    import numpy as np
     from PIL import Image
 
-    from .data import folder_images
-    from .evaluate import evaluate_folders
+    from .evaluate import evaluate_folders, load_image, pair_files
     cfg = trainer.cfg
     os.makedirs(out_dir, exist_ok=True)
-    for p in folder_images(cfg.log.eval_lr_folder):
-        lr = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
-        sr = trainer.G.super_resolve(lr.to(trainer.device), cfg.train.scale)
+    for lr_path, _gt in pair_files(cfg.log.eval_lr_folder, cfg.log.eval_gt_folder):
+        sr = trainer.G.super_resolve(load_image(lr_path).to(trainer.device), cfg.train.scale)
         arr = (sr[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr).save(os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png"))
+        Image.fromarray(arr).save(os.path.join(out_dir, lr_path.stem + ".png"))
     result = evaluate_folders(out_dir, cfg.log.eval_gt_folder, device=str(trainer.device),
                               with_niqe=False, progress=False)
     return {f"eval/{k}": v for k, v in result.mean.items()}
@@ -466,24 +464,21 @@ def check_eval_set(cfg: Config) -> None:
     from PIL import Image
 
     from .config import ConfigError
-    from .data import folder_images
+    from .evaluate import pair_files
     lr_dir, gt_dir = cfg.log.eval_lr_folder, cfg.log.eval_gt_folder
     for name, folder in (("eval_lr_folder", lr_dir), ("eval_gt_folder", gt_dir)):
         if not folder or not os.path.isdir(folder):
             raise ConfigError(f"log.{name} '{folder}' is not a folder (set both eval folders, or neither)")
-    lrs = folder_images(lr_dir)
-    if not lrs:
-        raise ConfigError(f"log.eval_lr_folder '{lr_dir}' holds no images")
-    gts = {os.path.splitext(os.path.basename(p))[0]: p for p in folder_images(gt_dir)}
+    try:  # the pairing run_eval and training.evaluate use
+        pairs = pair_files(lr_dir, gt_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"evaluation set (log.eval_lr_folder, log.eval_gt_folder): {e}") from None
     scale = cfg.train.scale
-    for p in lrs:
-        stem = os.path.splitext(os.path.basename(p))[0]
-        if stem not in gts:
-            raise ConfigError(f"evaluation image '{p}' has no ground truth named '{stem}.*' in '{gt_dir}'")
-        with Image.open(p) as a, Image.open(gts[stem]) as b:
+    for lr_path, gt_path in pairs:
+        with Image.open(lr_path) as a, Image.open(gt_path) as b:
             if (round(a.width * scale), round(a.height * scale)) != b.size:
-                raise ConfigError(f"evaluation pair '{stem}': LR {a.width}x{a.height} x{scale} is not the "
-                                  f"ground truth's {b.width}x{b.height}")
+                raise ConfigError(f"evaluation pair '{lr_path.stem}': LR {a.width}x{a.height} x{scale} is "
+                                  f"not the ground truth's {b.width}x{b.height}")
     from .dists import DISTS
     from .lpips_alex import LPIPSAlex
     try:
@@ -512,8 +507,6 @@ def _train(cfg: Config, resume: str | bool | None, stop: StopSignal) -> int:
     host.import_comfy(cpu=device.type == "cpu")
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     from .checkpoint import load_checkpoint
     from .data import CropDataset, ResumableShardSampler
 
