@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from .image_io import IMAGE_EXTENSIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,101 @@ def test_niqe_prefers_the_sharp_image():
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     assert 2.0 < scores[0].item() < 15.0
     assert scores[1].item() > scores[0].item() + 1.0
+
+
+# ---- 16-bit files and careless input -------------------------------------------------------
+
+def _evaluate_json(tmp_path: Path, outputs: Path, gt: Path) -> dict:
+    json_path = tmp_path / "m.json"
+    code = evaluate.main(["--outputs", str(outputs), "--gt", str(gt), "--no-niqe", "--quiet",
+                          "--device", "cpu", "--json", str(json_path)])
+    assert code == 0
+    return json.loads(json_path.read_text())["per_image"][0]
+
+
+def test_16bit_images_are_read_with_their_range(tmp_path):
+    from image_files import write_png16
+
+    rng = np.random.default_rng(5)
+    for name in ("same", "grey", "low"):
+        (tmp_path / name / "out").mkdir(parents=True)
+        (tmp_path / name / "gt").mkdir()
+    rgb16 = rng.integers(0, 65536, size=(40, 36, 3)).astype(np.uint16)
+    # An identical 16-bit pair: PSNR at its cap 10 log10(1 / 1e-8) = 80 dB, SSIM 1.
+    write_png16(tmp_path / "same" / "out" / "a.png", rgb16)
+    write_png16(tmp_path / "same" / "gt" / "a.png", rgb16)
+    row = _evaluate_json(tmp_path, tmp_path / "same" / "out", tmp_path / "same" / "gt")
+    assert row["psnr"] == pytest.approx(80.0, abs=1e-9) and row["ssim"] == pytest.approx(1.0, abs=1e-12)
+    assert row["lpips"] == pytest.approx(0.0, abs=1e-6)
+    # A 16-bit grey output equal to its 8-bit ground truth (v16 = 257 v8): the same image.
+    grey8 = rng.integers(0, 256, size=(40, 36)).astype(np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey" / "out" / "a.png")
+    Image.fromarray(grey8).save(tmp_path / "grey" / "gt" / "a.png")
+    row = _evaluate_json(tmp_path, tmp_path / "grey" / "out", tmp_path / "grey" / "gt")
+    assert row["psnr"] == pytest.approx(80.0, abs=1e-6)
+    # Pairs that differ only in the low byte: PSNR from all 16 bits (numpy, float64).
+    other = (rgb16 & 0xFF00) | rng.integers(0, 256, size=rgb16.shape).astype(np.uint16)
+    write_png16(tmp_path / "low" / "out" / "a.png", rgb16)
+    write_png16(tmp_path / "low" / "gt" / "a.png", other)
+    row = _evaluate_json(tmp_path, tmp_path / "low" / "out", tmp_path / "low" / "gt")
+    weights = np.array([65.481, 128.553, 24.966]) / 255.0
+    y_out, y_gt = (rgb16.astype(np.float32) / np.float32(65535)).astype(np.float64) @ weights, \
+        (other.astype(np.float32) / np.float32(65535)).astype(np.float64) @ weights
+    assert row["psnr"] == pytest.approx(10 * np.log10(1 / (np.mean((y_out - y_gt) ** 2) + 1e-8)), abs=1e-6)
+    assert 50.0 < row["psnr"] < 79.0
+
+
+def _careless(tmp_path: Path, case: str) -> list[str]:
+    """Folders (and arguments) for one careless-input case."""
+    out, gt = tmp_path / "out", tmp_path / "gt"
+    out.mkdir()
+    gt.mkdir()
+    size = {"tiny": 10, "lpips": 20}.get(case, 40)
+    rng = np.random.default_rng(0)
+    for folder in (out, gt):
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3)).astype(np.uint8)).save(folder / "a.png")
+    args = ["--outputs", str(out), "--gt", str(gt), "--no-niqe", "--quiet", "--device", "cpu"]
+    if case == "corrupt":
+        (out / "a.png").write_bytes(b"this is not a png")
+    elif case == "truncated":
+        Image.fromarray(rng.integers(0, 256, size=(64, 64, 3)).astype(np.uint8)).save(out / "a.png")
+        Image.fromarray(rng.integers(0, 256, size=(64, 64, 3)).astype(np.uint8)).save(gt / "a.png")
+        data = (out / "a.png").read_bytes()
+        (out / "a.png").write_bytes(data[: len(data) // 2])
+    elif case == "crop":
+        args += ["--crop-border", "25"]
+    elif case == "negative_crop":
+        args += ["--crop-border", "-1"]
+    elif case == "csv_folder":
+        (tmp_path / "metrics.csv").mkdir()
+        args += ["--csv", str(tmp_path / "metrics.csv")]
+    elif case in ("limit0", "limit_negative"):
+        args += ["--limit", "0" if case == "limit0" else "-3"]
+    elif case == "two_files_one_name":
+        Image.new("RGB", (40, 40)).save(gt / "a.jpg")
+    elif case == "niqe_too_small":
+        args.remove("--no-niqe")
+    return args
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("corrupt", r"cannot read image .*a\.png"),
+    ("truncated", r"cannot read image .*a\.png"),
+    ("tiny", r"a\.png is 10x10 .*SSIM's 11x11 window"),
+    ("lpips", r"a\.png is 20x20; LPIPS \(AlexNet\) needs at least 31x31"),
+    ("crop", r"--crop-border 25 leaves nothing of a\.png \(40x40\)"),
+    ("negative_crop", r"--crop-border must be 0 or more"),
+    ("csv_folder", r"--csv .*metrics\.csv is a folder"),
+    ("limit0", r"--limit must be at least 1, got 0"),
+    ("limit_negative", r"--limit must be at least 1, got -3"),
+    ("two_files_one_name", r"a\.jpg and a\.png"),
+    ("niqe_too_small", r"NIQE needs at least two 96x96 blocks; pass --no-niqe"),
+])
+def test_careless_input_gives_one_line_errors(tmp_path, capsys, case, expected):
+    if case == "niqe_too_small" and evaluate._niqe_or_reason()[0] is None:
+        pytest.skip("NIQE's parameters are not available here")
+    code = evaluate.main(_careless(tmp_path, case))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(expected, err[0]), err[0]

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from d3sr_core.image_io import IMAGE_EXTENSIONS, image_size, is_image_file, read_image
+
 log = logging.getLogger("d3sr.train")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class DataError(ValueError):
@@ -26,14 +27,14 @@ class DataError(ValueError):
 
 
 def list_images(folders: list[str]) -> list[str]:
-    """All jpg/png/webp files under `folders` (recursive, sorted). Raises DataError for a missing
-    folder or when nothing is found."""
+    """All image files (d3sr_core.image_io.IMAGE_EXTENSIONS) under `folders` (recursive, sorted).
+    Raises DataError for a missing folder or when nothing is found."""
     paths: list[str] = []
     for folder in folders:
         if not os.path.isdir(folder):
             raise DataError(f"data folder not found: '{folder}' (data.folders in the config)")
         for root, _dirs, files in os.walk(folder, followlinks=True):
-            paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            paths += [os.path.join(root, f) for f in files if is_image_file(f)]
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(folders)}")
     return sorted(paths)
@@ -43,13 +44,11 @@ def scan_images(paths: list[str], crop: int) -> tuple[list[str], list[str]]:
     """Read every image header: returns (usable paths, unreadable paths). Unreadable files are
     skipped with a warning; any image smaller than `crop` on a side is a DataError (listing them)
     because a crop cannot be taken from it."""
-    from PIL import Image
     usable, unreadable, small = [], [], []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                w, h = im.size
-        except Exception:  # PIL raises many types for broken files
+            w, h = image_size(p)
+        except ValueError:  # image_io.ImageReadError
             unreadable.append(p)
             continue
         (small if min(w, h) < crop else usable).append(p if min(w, h) >= crop else f"{p} ({w}x{h})")
@@ -65,8 +64,9 @@ def scan_images(paths: list[str], crop: int) -> tuple[list[str], list[str]]:
 
 
 class CropDataset(Dataset):
-    """Item (index, seed) -> random `crop` x `crop` RGB crop [3, crop, crop] in [0, 1] of image
-    `index`. An image that fails to load now is replaced by the next one (warned, counted)."""
+    """Item (index, seed) -> random `crop` x `crop` RGB crop [3, crop, crop] of image `index`
+    (read by d3sr_core.image_io: [0, 1] for 8- and 16-bit files). An image that fails to load
+    now is replaced by the next one (warned, counted)."""
 
     def __init__(self, paths: list[str], crop: int) -> None:
         self.paths, self.crop = list(paths), int(crop)
@@ -76,9 +76,7 @@ class CropDataset(Dataset):
         return len(self.paths)
 
     def _load(self, path: str) -> np.ndarray:
-        from PIL import Image
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return read_image(path)
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         index, seed = item
@@ -101,7 +99,7 @@ class CropDataset(Dataset):
         patch = arr[top: top + self.crop, left: left + self.crop]
         if rng.random() < 0.5:  # horizontal flip (ours; a common SR augmentation)
             patch = patch[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
 
 
 class ResumableShardSampler(Sampler):

@@ -3,7 +3,8 @@
     python -m training.evaluate --outputs DIR --gt DIR [--csv F] [--json F]
                                 [--crop-border N] [--device cpu|cuda] [--no-niqe]
 
-Pairs files by name stem (``a.png`` in --outputs with ``a.png`` or ``a.jpg`` in --gt).
+Pairs files by name stem (``a.png`` in --outputs with ``a.png`` or ``a.jpg`` in --gt); images
+are read by :mod:`d3sr_core.image_io` (8-bit / 255, 16-bit / 65535, EXIF orientation applied).
 Per image and on average: PSNR and SSIM on the Y channel (pyiqa's conventions, see
 :mod:`training.pixel_metrics`), LPIPS (AlexNet, v0.1), DISTS and NIQE (of the output;
 skipped with a message when its parameters cannot be obtained). ``--crop-border`` trims
@@ -18,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from d3sr_core.atomic_file import write_text_atomic
+from d3sr_core.image_io import IMAGE_EXTENSIONS, image_size, is_image_file, load_image_bchw
 
 from . import pretrained
 from .dists import DISTS
 from .lpips_alex import LPIPSAlex
-from .pixel_metrics import crop_border, psnr_y, ssim_y
+from .niqe import BLOCK as NIQE_BLOCK
+from .pixel_metrics import SSIM_WINDOW, crop_border, psnr_y, ssim_y
 
-__all__ = ["EvaluationResult", "evaluate_folders", "load_image", "main", "pair_files"]
+__all__ = ["IMAGE_EXTENSIONS", "EvaluationResult", "evaluate_folders", "load_image", "main", "pair_files"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+load_image = load_image_bchw   # path -> (1, 3, H, W) float32 RGB (d3sr_core.image_io's ranges)
+# AlexNet's two stride-2 max pools after its stride-4 first layer leave nothing below 31 px.
+LPIPS_MIN_SIZE = 31
 NOT_COMPUTED = {
     "MUSIQ": "its weights ship in no registry package (needs a hub download)",
     "MANIQA": "its weights ship in no registry package (needs a hub download)",
@@ -58,17 +63,18 @@ class EvaluationResult:
         return {m: float(np.mean([r[m] for r in self.rows])) for m in self.metrics}
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as (1, 3, H, W) float32 RGB in [0, 1]."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
-
-
 def _images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    files = [p for p in sorted(folder.iterdir()) if is_image_file(p.name) and p.is_file()]
+    by_stem: dict[str, list[Path]] = {}
+    for p in files:
+        by_stem.setdefault(p.stem, []).append(p)
+    clashes = [" and ".join(p.name for p in group) for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        raise ValueError(f"{folder} holds {len(clashes)} name(s) with more than one image, so pairs "
+                         f"by name are ambiguous: {'; '.join(clashes[:3])}. Keep one file per name.")
+    return {stem: group[0] for stem, group in by_stem.items()}
 
 
 def pair_files(outputs: str | Path, gt: str | Path) -> list[tuple[Path, Path]]:
@@ -81,6 +87,32 @@ def pair_files(outputs: str | Path, gt: str | Path) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"{len(missing)} image(s) in {outputs} have no ground truth of the same "
                                 f"name in {gt}, e.g. {missing[:3]}")
     return [(outs[k], gts[k]) for k in sorted(outs)]
+
+
+def check_sizes(pairs: list[tuple[Path, Path]], crop: int, with_niqe: bool) -> None:
+    """Raise ValueError, naming the image, for a pair whose sizes differ or are too small for a
+    metric (read from the headers, so it fails before minutes of computation; an EXIF rotation
+    is compared when the pixels are read)."""
+    if crop < 0:
+        raise ValueError(f"--crop-border must be 0 or more, got {crop}")
+    for out_path, gt_path in pairs:
+        (w, h), gt_size = image_size(out_path), image_size(gt_path)
+        if sorted((w, h)) != sorted(gt_size):
+            raise ValueError(f"{out_path.name}: output {w}x{h} vs ground truth {gt_size[0]}x{gt_size[1]}")
+        cw, ch = w - 2 * crop, h - 2 * crop
+        if min(cw, ch) < 1:
+            raise ValueError(f"--crop-border {crop} leaves nothing of {out_path.name} ({w}x{h}); "
+                             f"use a border below {(min(w, h) + 1) // 2}")
+        if min(cw, ch) < SSIM_WINDOW:
+            raise ValueError(f"{out_path.name} is {cw}x{ch} (after --crop-border {crop}), smaller than "
+                             f"SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window; evaluate larger images")
+        if min(w, h) < LPIPS_MIN_SIZE:
+            raise ValueError(f"{out_path.name} is {w}x{h}; LPIPS (AlexNet) needs at least "
+                             f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} pixels; evaluate larger images")
+        if with_niqe and (cw // NIQE_BLOCK) * (ch // NIQE_BLOCK) < 2:
+            raise ValueError(f"{out_path.name} is {cw}x{ch} (after --crop-border {crop}); NIQE needs at "
+                             f"least two {NIQE_BLOCK}x{NIQE_BLOCK} blocks; pass --no-niqe or evaluate "
+                             "larger images")
 
 
 def _niqe_or_reason():
@@ -104,11 +136,11 @@ def evaluate_folders(
     limit: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Compute every available metric for each (output, GT) pair; see the module doc."""
+    """Compute every available metric for each (output, GT) pair; see the module doc.
+    Raises ValueError (one line) for pairs that cannot be evaluated, before computing any."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     pairs = pair_files(outputs, gt)[:limit]
-    dev = torch.device(device)
-    lpips = LPIPSAlex().to(dev).eval()
-    dists = DISTS().to(dev).eval()
     metrics = ["psnr", "ssim", "lpips", "dists"]
     not_computed = dict(NOT_COMPUTED)
     niqe = None
@@ -120,10 +152,14 @@ def evaluate_folders(
             metrics.append("niqe")
     else:
         not_computed["NIQE"] = "disabled with --no-niqe"
+    check_sizes(pairs, crop, niqe is not None)
+    dev = torch.device(device)
+    lpips = LPIPSAlex().to(dev).eval()
+    dists = DISTS().to(dev).eval()
     result = EvaluationResult(metrics=metrics, not_computed=not_computed)
     for out_path, gt_path in tqdm(pairs, desc="evaluating", unit="img", disable=not progress, file=sys.stderr):
         out, ref = load_image(out_path).to(dev), load_image(gt_path).to(dev)
-        if out.shape != ref.shape:
+        if out.shape != ref.shape:  # headers agreed; EXIF orientation can still differ
             raise ValueError(f"{out_path.name}: output {tuple(out.shape[-2:])} vs ground truth {tuple(ref.shape[-2:])}")
         with torch.no_grad():
             out_c, ref_c = crop_border(out, crop), crop_border(ref, crop)
@@ -197,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar, print only the mean")
     args = parser.parse_args(argv)
     try:
+        for option, path in (("--csv", args.csv), ("--json", args.json)):
+            if path and os.path.isdir(path):
+                raise ValueError(f"{option} {path} is a folder; give a file name")
         result = evaluate_folders(
             args.outputs, args.gt, args.crop_border, args.device, not args.no_niqe, args.limit, not args.quiet
         )
@@ -206,10 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result, per_image=not args.quiet))
     if any(math.isnan(v) for v in result.mean.values()):
         print("warning: some metric is NaN", file=sys.stderr)
-    if args.csv:
-        write_text_atomic(args.csv, to_csv(result))
-    if args.json:
-        write_text_atomic(args.json, to_json(result, args.outputs, args.gt, args.crop_border))
+    try:
+        if args.csv:
+            write_text_atomic(args.csv, to_csv(result))
+        if args.json:
+            write_text_atomic(args.json, to_json(result, args.outputs, args.gt, args.crop_border))
+    except OSError as err:
+        print(f"error: cannot write {err.filename or 'the results'}: {err.strerror or err}", file=sys.stderr)
+        return 2
     return 0
 
 

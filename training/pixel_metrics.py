@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["crop_border", "psnr_y", "rgb_to_y", "ssim_y"]
+__all__ = ["SSIM_WINDOW", "crop_border", "psnr_y", "rgb_to_y", "ssim_y"]
 
 BT601_Y = (65.481, 128.553, 24.966)
+SSIM_WINDOW = 11   # 'valid' filtering: images need at least this many pixels on each side
 
 
 def rgb_to_y(image: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,9 @@ def rgb_to_y(image: torch.Tensor) -> torch.Tensor:
 
 
 def crop_border(image: torch.Tensor, border: int) -> torch.Tensor:
-    """Drop `border` pixels on every side of (..., H, W)."""
+    """Drop `border` pixels on every side of (..., H, W); ValueError if nothing would be left."""
+    if border > 0 and 2 * border >= min(image.shape[-2:]):
+        raise ValueError(f"a crop border of {border} leaves nothing of a {image.shape[-1]}x{image.shape[-2]} image")
     return image[..., border:-border, border:-border] if border > 0 else image
 
 
@@ -37,7 +40,7 @@ def psnr_y(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / (mse + 1e-8))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     window = torch.outer(g, g)
@@ -45,7 +48,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim_y(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM on the rounded [0, 255] Y channel of two (B, 3, H, W) images in [0, 1] -> (B,)."""
+    """SSIM on the rounded [0, 255] Y channel of two (B, 3, H, W) images in [0, 1] -> (B,).
+    H and W must be at least SSIM_WINDOW (ValueError otherwise)."""
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
+                         f"got {x.shape[-1]}x{x.shape[-2]}")
     yx = torch.round(rgb_to_y(x.double()) * 255.0)
     yy = torch.round(rgb_to_y(y.double()) * 255.0)
     window = _gaussian_window().to(yx.device)
