@@ -13,6 +13,7 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
+from .checks import check_strength
 from .schedule import alphas_cumprod
 from .weight_format import EMBEDDING_SHAPE, D3SRWeights, WeightFileError, read_weights
 
@@ -188,6 +189,7 @@ def load_d3sr(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE, path: 
 def d3sr_model_from_weights(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE,
                             weights: D3SRWeights, strength: float = 1.0, name: str = "") -> D3SRModel:
     """As load_d3sr, from weights already in memory (the trainer's export path uses this too)."""
+    strength = check_strength(strength)
     check_base_model(model, vae)
     if weights.text_embedding_kind == "none":
         raise WeightFileError(

@@ -17,15 +17,19 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
+from .checks import MAX_FACTOR as MAX_FACTOR  # re-exported: the nodes' and tiling's limit
+from .checks import check_factor
 from .colour_fix import apply_colour_fix
 from .model import D3SRModel
 from .schedule import sigma_for_timestep
 
-MAX_FACTOR = 8.0
-
 
 class D3SROutOfMemoryError(RuntimeError):
     """Raised when one upscale does not fit in device memory."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The upscale produced NaN or infinite values; the message names the likely causes."""
 
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "failed to allocate memory")
@@ -74,6 +78,29 @@ def check_image(image: torch.Tensor) -> None:
         raise ValueError(f"D3SR expects an RGB IMAGE batch [B, H, W, 3], got shape {shape}.{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"D3SR got an empty image batch of shape {list(image.shape)}.")
+    bad = ~torch.isfinite(image)
+    if bad.any():
+        which = [i + 1 for i in bad.flatten(1).any(1).nonzero().flatten().tolist()]
+        raise ValueError(f"D3SR got {int(bad.sum())} NaN or infinite pixel value(s) in image(s) "
+                         f"{', '.join(map(str, which[:5]))} of {image.shape[0]}. Fix the node or file "
+                         "that made the image (its output is not a valid picture).")
+
+
+def check_output(d3sr: D3SRModel, pixels: torch.Tensor) -> None:
+    """Raise NonFiniteOutputError when upscaled `pixels` (any layout) hold NaN or Inf values,
+    instead of letting them leave the pipeline (saved, they would be a black image)."""
+    bad = ~torch.isfinite(pixels)
+    if not bad.any():
+        return
+    unet_dtype = getattr(d3sr.model.model, "get_dtype", lambda: None)()
+    vae_dtype = getattr(d3sr.vae, "vae_dtype", None)
+    dtypes = ", ".join(f"{name} in {str(dt).replace('torch.', '')}" for name, dt in
+                       (("UNet", unet_dtype), ("VAE", vae_dtype)) if dt is not None)
+    raise NonFiniteOutputError(
+        f"D3SR produced {int(bad.sum())} NaN or infinite value(s) with weights '{d3sr.name or '?'}'"
+        f"{f' ({dtypes})' if dtypes else ''}; nothing was returned. Likely causes: a weight file whose "
+        "LoRA alphas or values are huge (re-export or retrain it), a LoRA strength far from 1, or "
+        "float16 overflow on this device (start ComfyUI with --fp32-unet --fp32-vae, or --force-fp32).")
 
 
 def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -133,6 +160,7 @@ def upscale_one(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: st
     z_h = denoise(d3sr, encode_latent(d3sr, padded))
     mm.throw_exception_if_processing_interrupted()
     sr = decode_latent(d3sr, z_h)[..., :out_h, :out_w].float().cpu()
+    check_output(d3sr, sr)   # before the colour fix and the clamp, which would hide an Inf
     return apply_colour_fix(sr, upsampled.cpu(), colour_fix).clamp(0.0, 1.0)
 
 
@@ -140,10 +168,10 @@ def upscale_one(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: st
 def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fix: str = "adain"
             ) -> torch.Tensor:
     """ComfyUI IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3], one image at a time
-    with a progress bar; ComfyUI's interrupt is honoured between images."""
+    with a progress bar; ComfyUI's interrupt is honoured between images. ValueError for a bad
+    image (shape, NaN/Inf pixels) or factor; NonFiniteOutputError if the result is not finite."""
     check_image(image)
-    if not 1.0 <= factor <= MAX_FACTOR:
-        raise ValueError(f"upscale factor {factor} is outside 1..{MAX_FACTOR:g}")
+    factor = check_factor(factor)
     pbar = comfy.utils.ProgressBar(image.shape[0])
     outputs = []
     for i in range(image.shape[0]):

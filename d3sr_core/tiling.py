@@ -332,6 +332,7 @@ def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, colour_fix: str, out: 
     z = tiled_denoise(d3sr, z, plan["unet_tile"], plan["unet_overlap"], plan["align"], step)
     tiled_decode_(d3sr, z, out, plan["vae_tile"], VAE_OVERLAP, step)
     del z
+    pipeline.check_output(d3sr, out)   # before the colour fix's clamp, as the plain path
     colour_fix_(out, upsampled, colour_fix)
 
 

@@ -178,7 +178,12 @@ def read_weights(path: str) -> D3SRWeights:
         except json.JSONDecodeError:
             raise _fail(path, "metadata 'training' is not valid JSON", "Re-export the file.") from None
 
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise _fail(path, f"{len(not_float)} tensor(s) are not floating point (first: {not_float[0]}, "
+                    f"{str(tensors[not_float[0]].dtype).replace('torch.', '')})",
+                    "D3SR files hold float tensors only; re-export the file with the D3SR trainer or converter.")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf values (first: {bad[0]})",
                     "The training run diverged or the file is damaged; use an earlier checkpoint.")
@@ -254,6 +259,9 @@ def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int, prefix
                 or alpha.ndim != 0:
             raise _fail(path, f"layer '{name}' has inconsistent LoRA shapes A{list(a.shape)} "
                         f"B{list(b.shape)} alpha{list(alpha.shape)} for rank {rank}", "Re-export the file.")
+        if not float(alpha) > 0:   # finite already (read_weights); zero or negative flips or kills the LoRA
+            raise _fail(path, f"layer '{name}' has alpha {float(alpha):g}; it must be a positive number",
+                        "Re-export the file.")
         lora[name] = (a, b, float(alpha))
     return lora
 

@@ -97,6 +97,16 @@ def good(tmp_path):
     (dict(drop=["diffusion_model.input_blocks.0.0.alpha"]), "lacks .alpha"),
     (dict(tensors={"diffusion_model.input_blocks.0.0.lora_A.weight": torch.zeros(8, 4, 3, 3)}),
      "inconsistent LoRA shapes"),
+    # Alpha tensors are checked like the metadata alpha, and every tensor must be floating point.
+    (dict(tensors={"diffusion_model.input_blocks.0.0.alpha": torch.tensor(-4.0)}),
+     "layer 'diffusion_model.input_blocks.0.0' has alpha -4; it must be a positive number"),
+    (dict(tensors={"diffusion_model.input_blocks.0.0.alpha": torch.tensor(0.0)}), "has alpha 0;"),
+    (dict(tensors={"diffusion_model.input_blocks.0.0.alpha": torch.tensor(float("inf"))}), "NaN or Inf"),
+    (dict(tensors={"diffusion_model.input_blocks.0.0.alpha": torch.tensor(4)}),
+     "not floating point (first: diffusion_model.input_blocks.0.0.alpha, int64)"),
+    (dict(tensors={"diffusion_model.input_blocks.0.0.lora_A.weight": torch.ones(4, 4, 3, 3, dtype=torch.int32)}),
+     "not floating point (first: diffusion_model.input_blocks.0.0.lora_A.weight, int32)"),
+    (dict(tensors={EMBEDDING_KEY: torch.zeros(1, 77, 1024, dtype=torch.bool)}), "not floating point"),
 ])
 def test_bad_files_are_rejected_with_a_reason(good, change, expected):
     _rewrite(good, **change)
