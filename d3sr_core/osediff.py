@@ -20,11 +20,11 @@ Command line:  python -m d3sr_core.osediff convert osediff.pkl osediff.safetenso
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import re
 import sys
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -86,23 +86,71 @@ def _fail(path: str, problem: str, fix: str) -> OSEDiffFormatError:
     return OSEDiffFormatError(f"OSEDiff file '{os.path.basename(path)}': {problem}. {fix}")
 
 
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL (?P<name>[\w.]+)")
+_UNKNOWN_CALL = re.compile(r"call reduce for unrecognized function (?P<name><[^>]*>|\S+)")
+_TORCH_ADVICE = ("weights_only", "weights only load failed", "trust", "safe_globals", "documentation",
+                 "file an issue", "pytorch.org")
+_OS_MODULES = {"posix": "os", "nt": "os"}   # os.system pickles as posix.system (nt.system on Windows)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """`text` in one line, cut at a word boundary (with an ellipsis) if longer than `limit`."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(",;:") + " ..."
+
+
 def _refusal(message: str) -> str:
-    """Why torch's weights-only unpickler refused a file, in one line (its own advice to load
-    with weights_only=False is left out on purpose)."""
-    detail = message.split("WeightsUnpickler error:", 1)[-1].strip().split("\n\n")[0].strip()
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
-    if m:
-        return (f"refused: it asks to import and call '{m[1]}', which a weight file never needs; "
-                "nothing in it was run")
-    return (f"refused by the safe loader ({detail[:120] or 'unpickling failed'}): it is truncated, "
-            "corrupt, or uses pickle features a weight file never needs; nothing in it was run")
+    """Why torch's weights-only unpickler refused a file, in one line: what the file asked to
+    import or call, or the unpickler's own reason. Torch's advice to load the file with
+    weights_only=False is never repeated."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    found = _BLOCKED_GLOBAL.search(message)
+    if found:
+        name = found["name"]
+        module, _, attr = name.partition(".")
+        what = (f"'{_OS_MODULES[module]}.{attr}' (pickled as '{name}')" if module in _OS_MODULES and attr
+                else f"'{name}'")
+        return (f"refused: it asks to import {what}, which a weight file never needs; the safe "
+                "loader stopped there and nothing in it was run")
+    found = _UNKNOWN_CALL.search(message)
+    if found:
+        return (f"refused: it asks to call {found['name']}, which a weight file never needs; the safe "
+                "loader stopped there and nothing in it was run")
+    lines = [line.strip() for line in re.split(r"\n|(?<=\.) ", message) if line.strip()]
+    reasons = [line for line in lines if not any(a in line.lower() for a in _TORCH_ADVICE)]
+    reason = _short(reasons[-1].removeprefix("WeightsUnpickler error:").strip()) if reasons else "unpickling failed"
+    return (f"refused by the safe loader ({reason}): it is truncated, corrupt, or uses pickle "
+            "features a weight file never needs; nothing in it was run")
+
+
+def _check_state_dict(path: str, key: str, sd: object) -> None:
+    """A state dict of the file: named floating-point tensors, LoRA A/B matrices 2-D or 4-D."""
+    if not isinstance(sd, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor)
+                                           for n, t in sd.items()):
+        raise _fail(path, f"'{key}' is not a dict of named tensors", "Download it again.")
+    not_float = [n for n, t in sd.items() if not t.is_floating_point()]
+    if not_float:
+        raise _fail(path, f"tensor '{not_float[0]}' in '{key}' has dtype "
+                    f"{str(sd[not_float[0]].dtype).replace('torch.', '')}, not floating point",
+                    "Download it again.")
+    bad_rank = [n for n, t in sd.items() if ".lora_" in n and t.ndim not in (2, 4)]
+    if bad_rank:
+        raise _fail(path, f"LoRA tensor '{bad_rank[0]}' in '{key}' has {sd[bad_rank[0]].ndim} "
+                    "dimensions, expected 2 or 4", "Download it again.")
+    bad = [n for n, t in sd.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf (first: {bad[0]})", "Download it again.")
 
 
 def read_osediff_pickle(path: str) -> dict:
     """Load an OSEDiff `.pkl` with torch.load(weights_only=True) and check its structure.
 
     A pickle that needs anything but tensors, numbers, strings, lists and dicts (for example
-    one that would run code) is refused before anything in it executes.
+    one that would run code) is refused before anything in it executes. Every problem, from a
+    refused import to a damaged byte anywhere in the file, raises OSEDiffFormatError.
     """
     if not os.path.isfile(path):
         raise _fail(path, "file not found", "Put osediff.pkl in ComfyUI/models/d3sr/ and refresh.")
@@ -112,28 +160,24 @@ def read_osediff_pickle(path: str) -> dict:
         raise _fail(path, _refusal(str(e)),
                     "Download osediff.pkl again from github.com/cswry/OSEDiff (preset/models/); "
                     "never load weight files of unknown origin.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise _fail(path, f"cannot be read ({type(e).__name__}: {str(e)[:200]}); it is truncated, "
-                    "corrupt or not a torch file", "Download it again.") from None
+    except Exception as e:  # noqa: BLE001 - the safe unpickler runs no code, so any other error
+        # (RuntimeError, EOFError, KeyError, IndexError, struct.error, AssertionError, ...) means
+        # a damaged file; reported in one line, never as a traceback.
+        raise _fail(path, f"cannot be read ({type(e).__name__}: {_short(str(e), 160)}); it is "
+                    "truncated, corrupt or not a torch file", "Download it again.") from None
     if not isinstance(raw, dict):
         raise _fail(path, f"holds a {type(raw).__name__}, not OSEDiff's dict", "Pick osediff.pkl.")
     need = ("rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae")
     absent = [k for k in need if k not in raw]
     if absent:
-        raise _fail(path, f"lacks {', '.join(absent)} (keys: {', '.join(map(str, list(raw)[:8]))})",
+        raise _fail(path, f"lacks {', '.join(absent)} (keys: {_short(', '.join(map(str, list(raw)[:8])))})",
                     "This is not an OSEDiff weight file; pick osediff.pkl.")
     for k in ("rank_unet", "rank_vae"):
         if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] < 1:
-            raise _fail(path, f"'{k}' is {raw[k]!r}, expected a positive integer", "Download it again.")
-    for k in ("state_dict_unet", "state_dict_vae"):
-        sd = raw[k]
-        if not isinstance(sd, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor)
-                                               for n, t in sd.items()):
-            raise _fail(path, f"'{k}' is not a dict of named tensors", "Download it again.")
-        bad = [n for n, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf (first: {bad[0]})",
+            raise _fail(path, f"'{k}' is {_short(repr(raw[k]), 40)}, expected a positive integer",
                         "Download it again.")
+    for k in ("state_dict_unet", "state_dict_vae"):
+        _check_state_dict(path, k, raw[k])
     for k in MODULE_LISTS:
         if k in raw and not (isinstance(raw[k], list) and all(isinstance(n, str) for n in raw[k])):
             raise _fail(path, f"'{k}' is not a list of module names", "Download it again.")
@@ -356,6 +400,7 @@ def convert_file(src: str, dst: str, force: bool = False, checkpoint: str | None
     command line upscaler; without it the embedding is a placeholder (CLIP needed at load)."""
     if not dst.lower().endswith(".safetensors"):
         raise ValueError(f"output must be a .safetensors file, got {dst}")
+    _check_output_path(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     if prompt and not checkpoint:
@@ -376,8 +421,36 @@ def convert_file(src: str, dst: str, force: bool = False, checkpoint: str | None
         weights.text_embedding_kind, weights.prompt = "prompt", prompt
     if os.path.exists(dst) and not force:   # checked again: conversion takes a while
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    write_weights(dst, weights)
+    try:
+        write_weights(dst, weights)
+    except OSError as e:   # atomic: a failed write leaves no partial file and any old one intact
+        raise ValueError(_write_error(dst, e)) from None
     return report
+
+
+_WRITE_HINTS = {errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+                errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
+                errno.EROFS: "the file system is read-only; choose another output folder",
+                errno.EACCES: "no permission to write there; choose another output folder",
+                errno.EPERM: "no permission to write there; choose another output folder",
+                errno.EISDIR: "it is a folder; give a file name ending in .safetensors"}
+
+
+def _write_error(dst: str, error: OSError) -> str:
+    hint = _WRITE_HINTS.get(error.errno, "nothing was written")
+    return f"cannot write {dst}: {error.strerror or error} ({hint})"
+
+
+def _check_output_path(dst: str) -> None:
+    """ValueError, before the conversion runs, for an output that is a folder or whose folder
+    cannot be written."""
+    if os.path.isdir(dst):
+        raise ValueError(_write_error(dst, IsADirectoryError(errno.EISDIR, "is a folder")))
+    folder = os.path.dirname(os.path.abspath(dst))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(_write_error(dst, PermissionError(errno.EACCES, f"{folder} is not writable")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     host.import_comfy()
     try:
         report = convert_file(args.input, args.output, args.force, args.checkpoint, args.prompt)
-    except (OSEDiffFormatError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSEDiffFormatError, ValueError, OSError, RuntimeError) as e:   # one line, no traceback
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {report.summary()}")
     if read_weights(args.output).text_embedding_kind == "none":
