@@ -8,7 +8,8 @@ Layout (format_version 1):
       d3sr.text_embedding                     [1, 77, 1024], the fixed conditioning
       diffusion_model.<ldm path>.lora_A.weight [r, in] or [r, in, kh, kw]
       diffusion_model.<ldm path>.lora_B.weight [out, r] or [out, r, 1, 1]
-      diffusion_model.<ldm path>.alpha         0-dim
+      diffusion_model.<ldm path>.alpha         0-dim, positive
+  Every tensor is floating point (any float dtype) and finite.
 The LoRA names are ones ComfyUI's own LoRA key map accepts for an SD2.x UNet, so the same
 file also works in the stock `LoraLoaderModelOnly` node (which ignores the embedding).
 
