@@ -141,6 +141,22 @@ def test_png_writers_round_trip_and_refuse_nan(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]   # nothing half-written
 
 
+def test_training_crops_keep_16_bits(tmp_path):
+    from training.data import CropDataset, list_images, scan_images
+
+    write_png16(tmp_path / "hr.png", U16[:12, :11, :3])
+    write_tiff_rgb16(tmp_path / "hr.tif", U16[:12, :11, :3])
+    paths, unreadable = scan_images(list_images([str(tmp_path)]), crop=11)
+    assert [p[-6:] for p in paths] == ["hr.png", "hr.tif"] and not unreadable
+    expected = torch.from_numpy(U16[:11, :11, :3].astype(np.float32) / np.float32(65535)).permute(2, 0, 1)
+    for index in range(2):
+        crop = CropDataset(paths, crop=11)[(index, 0)]    # 12 rows: one of two row offsets
+        assert crop.shape == (3, 11, 11) and crop.dtype == torch.float32
+        shifted = torch.from_numpy(U16[1:12, :11, :3].astype(np.float32) / np.float32(65535)).permute(2, 0, 1)
+        candidates = [e for e in (expected, shifted) for e in (e, e.flip(-1))]
+        assert any(torch.allclose(crop, c, rtol=0, atol=1e-7) for c in candidates)
+
+
 def test_one_extension_list():
     from d3sr_core import __main__ as cli
     from training import data, evaluate

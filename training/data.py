@@ -64,9 +64,9 @@ def scan_images(paths: list[str], crop: int) -> tuple[list[str], list[str]]:
 
 
 class CropDataset(Dataset):
-    """Item (index, seed) -> random `crop` x `crop` RGB crop [3, crop, crop] of image `index`
-    (read by d3sr_core.image_io: [0, 1] for 8- and 16-bit files). An image that fails to load
-    now is replaced by the next one (warned, counted)."""
+    """Item (index, seed) -> random `crop` x `crop` RGB crop [3, crop, crop] in [0, 1] of image
+    `index` (read by d3sr_core.image_io, so 16-bit files keep their precision). An image that
+    fails to load now is replaced by the next one (warned, counted)."""
 
     def __init__(self, paths: list[str], crop: int) -> None:
         self.paths, self.crop = list(paths), int(crop)
@@ -99,7 +99,8 @@ class CropDataset(Dataset):
         patch = arr[top: top + self.crop, left: left + self.crop]
         if rng.random() < 0.5:  # horizontal flip (ours; a common SR augmentation)
             patch = patch[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+        # clip: a float TIFF may hold values outside [0, 1]; 8- and 16-bit files never do
+        return torch.from_numpy(np.ascontiguousarray(np.clip(patch, 0.0, 1.0))).permute(2, 0, 1)
 
 
 class ResumableShardSampler(Sampler):
