@@ -126,11 +126,20 @@ def _refusal(message: str) -> str:
             "features a weight file never needs; nothing in it was run")
 
 
+def _check_names(path: str, key: str, names: list[str]) -> None:
+    """Names are quoted in messages: control characters (a newline, a terminal escape) refused."""
+    bad = [n for n in names if not n.isprintable()]
+    if bad:
+        raise _fail(path, f"name {_short(repr(bad[0]), 80)} in '{key}' holds control characters",
+                    "Download it again.")
+
+
 def _check_state_dict(path: str, key: str, sd: object) -> None:
     """A state dict of the file: named floating-point tensors, LoRA A/B matrices 2-D or 4-D."""
     if not isinstance(sd, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor)
                                            for n, t in sd.items()):
         raise _fail(path, f"'{key}' is not a dict of named tensors", "Download it again.")
+    _check_names(path, key, list(sd))
     not_float = [n for n, t in sd.items() if not t.is_floating_point()]
     if not_float:
         raise _fail(path, f"tensor '{not_float[0]}' in '{key}' has dtype "
@@ -170,7 +179,8 @@ def read_osediff_pickle(path: str) -> dict:
     need = ("rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae")
     absent = [k for k in need if k not in raw]
     if absent:
-        raise _fail(path, f"lacks {', '.join(absent)} (keys: {_short(', '.join(map(str, list(raw)[:8])))})",
+        keys = ", ".join(k if isinstance(k, str) and k.isprintable() else repr(k) for k in list(raw)[:8])
+        raise _fail(path, f"lacks {', '.join(absent)} (keys: {_short(keys)})",
                     "This is not an OSEDiff weight file; pick osediff.pkl.")
     for k in ("rank_unet", "rank_vae"):
         if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] < 1:
@@ -181,6 +191,7 @@ def read_osediff_pickle(path: str) -> dict:
     for k in MODULE_LISTS:
         if k in raw and not (isinstance(raw[k], list) and all(isinstance(n, str) for n in raw[k])):
             raise _fail(path, f"'{k}' is not a list of module names", "Download it again.")
+        _check_names(path, k, raw.get(k, []))
     return raw
 
 

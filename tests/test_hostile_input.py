@@ -197,6 +197,23 @@ def test_code_in_a_pickle_is_refused_naming_what_it_asked_for(tmp_path, func, ar
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [
+    {"rank_unet": 4, "rank_vae": 4, "state_dict_unet": {"x\x1b[2Jy.lora_A.a.weight": torch.zeros(4, 4)},
+     "state_dict_vae": {}},
+    {"rank_unet": 4, "rank_vae": 4, "state_dict_unet": {}, "state_dict_vae": {},
+     "unet_lora_encoder_modules": ["down\nblocks"]},
+    {"rank_unet": 4, "state_dict_unet": {}, "\x1b]0;title\x07": 1},
+])
+def test_names_from_the_file_cannot_inject_lines_or_terminal_codes(tmp_path, content):
+    path = tmp_path / "osediff.pkl"
+    torch.save(content, path)
+    with pytest.raises(osediff.OSEDiffFormatError) as err:
+        osediff.read_osediff_pickle(str(path))
+    message = str(err.value)
+    assert "\n" not in message and "\x1b" not in message and "\x07" not in message
+    assert "control characters" in message or "lacks rank_vae" in message
+
+
 def test_refusal_reasons_are_whole_words():
     long_reason = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will "
                    "likely succeed, but it can result in arbitrary code execution.\n\nUnsupported operand 149 "
