@@ -169,7 +169,7 @@ def read_osediff_pickle(path: str) -> dict:
         raise _fail(path, _refusal(str(e)),
                     "Download osediff.pkl again from github.com/cswry/OSEDiff (preset/models/); "
                     "never load weight files of unknown origin.") from None
-    except Exception as e:  # noqa: BLE001 - the safe unpickler runs no code, so any other error
+    except Exception as e:  # the safe unpickler runs no code, so any other error
         # (RuntimeError, EOFError, KeyError, IndexError, struct.error, AssertionError, ...) means
         # a damaged file; reported in one line, never as a traceback.
         raise _fail(path, f"cannot be read ({type(e).__name__}: {_short(str(e), 160)}); it is "
@@ -440,7 +440,8 @@ def convert_file(src: str, dst: str, force: bool = False, checkpoint: str | None
 
 
 _WRITE_HINTS = {errno.ENOSPC: "the disk is full; free some space or write elsewhere",
-                errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
+                getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is used up; free some space or write "
+                                                        "elsewhere",
                 errno.EROFS: "the file system is read-only; choose another output folder",
                 errno.EACCES: "no permission to write there; choose another output folder",
                 errno.EPERM: "no permission to write there; choose another output folder",
