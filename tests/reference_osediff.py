@@ -231,4 +231,4 @@ def osediff_reference(unet, vae, lr_uint8, embedding: torch.Tensor, method: str 
     out_pil = ToPILImage()(out[0] * 0.5 + 0.5)
     if method != "none":
         out_pil = osediff_colour_fix(out_pil, input_image, method)
-    return np.asarray(out_pil)
+    return np.array(out_pil)
