@@ -15,7 +15,7 @@ import torch
 
 from .checks import check_strength
 from .schedule import alphas_cumprod
-from .weight_format import EMBEDDING_SHAPE, D3SRWeights, WeightFileError, read_weights
+from .weight_format import EMBEDDING_SHAPE, UPSAMPLERS, D3SRWeights, WeightFileError, read_weights
 
 
 class BaseModelMismatchError(ValueError):
@@ -31,6 +31,12 @@ class D3SRModel:
         adapt the VAE (OSEDiff's encoder LoRA); the user's VAE stays untouched either way
     text_embedding: [1, 77, 1024] float32, the fixed conditioning
     timestep: T_L, the one timestep the UNet is evaluated at
+    upsampler: how the LR image reaches the output size, one of weight_format.UPSAMPLERS
+        ("torch-bicubic" unless the weight file says otherwise)
+    osediff_steps: run OSEDiff's test-script steps around the network (docs/osediff.md):
+        Pillow bicubic, the size brought down to a multiple of 8 with Pillow's Lanczos, and the
+        colour fix on 8-bit images. True for OSEDiff weights (metadata source=osediff), whose
+        upsampler is then always "pillow-bicubic".
     """
 
     model: comfy.model_patcher.ModelPatcher
@@ -39,6 +45,8 @@ class D3SRModel:
     timestep: int
     name: str = ""
     trained_scale: float = 4.0
+    upsampler: str = UPSAMPLERS[0]
+    osediff_steps: bool = False
 
 
 _FAMILY_BY_CONTEXT = {768: "an SD1.x model", 1024: "an SD2.x model", 2048: "an SDXL model"}
@@ -205,5 +213,8 @@ def d3sr_model_from_weights(model: comfy.model_patcher.ModelPatcher, vae: comfy.
     patched.add_patches(patches, strength)
     if vae_patches:
         vae = patched_vae_clone(vae, vae_patches, strength)
+    osediff = weights.extra_metadata.get("source") == "osediff"
     return D3SRModel(model=patched, vae=vae, text_embedding=weights.text_embedding.float(),
-                     timestep=weights.timestep, name=name, trained_scale=weights.scale)
+                     timestep=weights.timestep, name=name, trained_scale=weights.scale,
+                     upsampler="pillow-bicubic" if osediff else weights.upsampler,
+                     osediff_steps=osediff)

@@ -357,14 +357,43 @@ def convert_osediff(raw: dict, unet_config: dict | None = None, name: str = "ose
         training={"source": "OSEDiff (github.com/cswry/OSEDiff)", "converted_from": name,
                   "adapters": adapters, "peft_lora_alpha": lora_alpha},
         extra_metadata={"source": "osediff"}, vae_lora=vae_lora, vae_lora_rank=raw["rank_vae"],
-        vae_lora_alpha=lora_alpha, full_weights=full, text_embedding_kind="none")
+        vae_lora_alpha=lora_alpha, full_weights=full, text_embedding_kind="none",
+        upsampler="pillow-bicubic")
     return weights, report
+
+
+def literal_tokens(clip, text: str) -> dict:
+    r"""ComfyUI's token dict for `text` read literally, as OSEDiff's tokenizer call reads it
+    (`tokenizer(text, max_length=77, padding="max_length", truncation=True)`): start token, the
+    first 75 tokens of the text, end token, padding to 77.
+
+    ComfyUI's own `clip.tokenize` is not used for the words: it reads `(word)` / `(word:1.2)` as
+    emphasis, `embedding:name` as a textual inversion, drops the backslash of `\(`, and moves a
+    word that straddles token 75 into a second chunk. Its `disable_weights` option turns off
+    only the first. So the text goes straight to the Hugging Face CLIP tokenizer that ComfyUI's
+    SD tokenizer holds, and the start / end / pad tokens are ComfyUI's own for the model.
+    """
+    outer = clip.tokenizer
+    name = getattr(outer, "clip_name", None)
+    inner = getattr(outer, getattr(outer, "clip", ""), None)
+    hf = getattr(inner, "tokenizer", None)
+    if name is None or hf is None or getattr(inner, "start_token", None) is None:
+        raise ValueError(f"The connected CLIP's tokenizer ({type(outer).__name__}) is not Stable "
+                         "Diffusion's CLIP tokenizer. Connect the CLIP output of the SD2.1-base checkpoint.")
+    length = EMBEDDING_SHAPE[1]
+    words = hf(text, max_length=length, truncation=True)["input_ids"][inner.tokens_start:]
+    if inner.tokenizer_adds_end_token:
+        words = words[:-1]
+    ids = [inner.start_token, *words[: length - 2], inner.end_token]
+    ids += [inner.pad_token] * (length - len(ids))
+    return {name: [[(t, 1.0) for t in ids]]}
 
 
 def prompt_embedding(clip, text: str) -> torch.Tensor:
     """SD2.1's CLIP encoding of `text` through a ComfyUI CLIP: [1, 77, 1024] float32 on the CPU.
-    Like OSEDiff, only the first 77 tokens count (longer prompts are cut)."""
-    cond = clip.encode_from_tokens(clip.tokenize(text))
+    The text is read literally, as OSEDiff reads it (no ComfyUI prompt syntax; `literal_tokens`),
+    and only its first 75 tokens count (longer prompts are cut, as in OSEDiff)."""
+    cond = clip.encode_from_tokens(literal_tokens(clip, text))
     if cond.ndim != 3 or cond.shape[-1] != EMBEDDING_SHAPE[2]:
         raise ValueError(f"The connected CLIP gives embeddings of shape {list(cond.shape)}; OSEDiff "
                          "needs SD2.1's (width 1024). Connect the CLIP output of the SD2.1-base "
@@ -473,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("input", help="OSEDiff weights (.pkl)")
     c.add_argument("output", help="output file (.safetensors)")
     c.add_argument("--checkpoint", help="SD2.1-base checkpoint: store CLIP(prompt) in the file")
-    c.add_argument("--prompt", default="", help="prompt to store (needs --checkpoint; default empty)")
+    c.add_argument("--prompt", default="", help="prompt to store (needs --checkpoint; default empty); "
+                   "read literally as OSEDiff does: brackets are text, not ComfyUI emphasis")
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     from . import host

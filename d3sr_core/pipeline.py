@@ -1,10 +1,16 @@
 """The one-step D3SR pipeline on ComfyUI's models.
 
-  x_L = bicubic(LR, output size), in [0, 1] (ComfyUI's VAE maps it to [-1, 1])
+  x_L = bicubic(LR, output size), in [0, 1] (ComfyUI's VAE maps it to [-1, 1]), padded at the
+        bottom/right to a multiple of 8 for the VAE (cropped off again after decoding)
   z_L = 0.18215 * E(x_L)                      (posterior mode)
   z_H = (z_L - sqrt(1 - abar) * eps(z_L, T_L, c)) / sqrt(abar)
   x_H = D(z_H / 0.18215)
 `predict_x0` is the single UNet step that the plain, tiled and training paths all call.
+The UNet runs on latents of any size: ComfyUI's UNet upsamples each level to the shape of its
+skip connection, so only the VAE's factor 8 is padded (padding to the UNet's 64 px would feed
+made-up content into its global attention and change the picture).
+With `D3SRModel.osediff_steps` the input and output follow OSEDiff's test script instead
+(`prepare_input`, colour_fix's `eight_bit`); see docs/osediff.md.
 Images are ComfyUI IMAGE tensors [B, H, W, C] in [0, 1] unless a docstring says BCHW.
 """
 
@@ -21,7 +27,10 @@ from .checks import MAX_FACTOR as MAX_FACTOR  # re-exported: the nodes' and tili
 from .checks import check_factor
 from .colour_fix import apply_colour_fix
 from .model import D3SRModel
+from .resample import pillow_resize
 from .schedule import sigma_for_timestep
+
+VAE_MULTIPLE = 8      # the KL VAE's downsampling: pixel sizes are padded to multiples of this
 
 
 class D3SROutOfMemoryError(RuntimeError):
@@ -52,7 +61,9 @@ def output_size(height: int, width: int, factor: float) -> tuple[int, int]:
 
 
 def pixel_multiple(base_model: torch.nn.Module) -> int:
-    """Pixel sizes must be multiples of this: 8 for the VAE times the UNet's downsampling."""
+    """8 for the VAE times the UNet's downsampling (64 px on SD2.1). Images are NOT padded to
+    it (only to VAE_MULTIPLE); the tiled path starts its UNet tiles on multiples of it, so each
+    tile's downsampling grid lines up with the whole image's."""
     mult = base_model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4))
     return 8 * 2 ** (len(mult) - 1)
 
@@ -108,6 +119,36 @@ def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
 
 
+def osediff_size(height: int, width: int) -> tuple[int, int]:
+    """OSEDiff's script brings the upsampled image down to a multiple of 8 (each side that is
+    at least 8 px; a smaller side is kept and padded like the D3SR path)."""
+    return tuple(s - s % VAE_MULTIPLE if s >= VAE_MULTIPLE else s for s in (height, width))
+
+
+def result_size(d3sr: D3SRModel, height: int, width: int, factor: float) -> tuple[int, int]:
+    """The size `upscale` returns for an h x w input: output_size, or for OSEDiff's steps that
+    size brought down to a multiple of 8."""
+    size = output_size(height, width, factor)
+    return osediff_size(*size) if d3sr.osediff_steps else size
+
+
+def prepare_input(d3sr: D3SRModel, lr: torch.Tensor, factor: float) -> torch.Tensor:
+    """BCHW [0, 1] LR -> the upsampled image x_L at result_size (also the colour fix's reference).
+
+    torch-bicubic: `bicubic_upsample` in float. pillow-bicubic: Pillow's bicubic on the image
+    rounded to 8 bits (d3sr_core.resample), 8-bit result. OSEDiff's steps then resize it with
+    Pillow's Lanczos to a multiple of 8, as its test script does (a resize, not a crop: the
+    sides shrink by up to 7 px)."""
+    size = output_size(lr.shape[-2], lr.shape[-1], factor)
+    if d3sr.upsampler == "pillow-bicubic" or d3sr.osediff_steps:
+        x = pillow_resize(lr, size, "bicubic")
+    else:
+        x = bicubic_upsample(lr.float(), size)
+    if d3sr.osediff_steps and osediff_size(*size) != size:
+        x = pillow_resize(x, osediff_size(*size), "lanczos")
+    return x
+
+
 def predict_x0(base_model: torch.nn.Module, z: torch.Tensor, timestep: int,
                context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
     """One UNet evaluation on the clean scaled latent `z` [B, 4, h, w] at `timestep`:
@@ -153,23 +194,24 @@ def denoise_latent(d3sr: D3SRModel, z: torch.Tensor) -> torch.Tensor:
 def upscale_one(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str,
                 denoise: Callable[[D3SRModel, torch.Tensor], torch.Tensor] = denoise_latent
                 ) -> torch.Tensor:
-    """One BCHW [0, 1] image batch -> BCHW [0, 1] of exactly output_size(h, w, factor)."""
-    out_h, out_w = output_size(lr.shape[-2], lr.shape[-1], factor)
-    upsampled = bicubic_upsample(lr.float(), (out_h, out_w))
-    padded = pad_to_multiple(upsampled, pixel_multiple(d3sr.model.model))
+    """One BCHW [0, 1] image batch -> BCHW [0, 1] of exactly result_size(d3sr, h, w, factor)."""
+    upsampled = prepare_input(d3sr, lr, factor)
+    out_h, out_w = upsampled.shape[-2:]
+    padded = pad_to_multiple(upsampled, VAE_MULTIPLE)
     z_h = denoise(d3sr, encode_latent(d3sr, padded))
     mm.throw_exception_if_processing_interrupted()
     sr = decode_latent(d3sr, z_h)[..., :out_h, :out_w].float().cpu()
     check_output(d3sr, sr)   # before the colour fix and the clamp, which would hide an Inf
-    return apply_colour_fix(sr, upsampled.cpu(), colour_fix).clamp(0.0, 1.0)
+    return apply_colour_fix(sr, upsampled.cpu(), colour_fix, eight_bit=d3sr.osediff_steps).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
 def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fix: str = "adain"
             ) -> torch.Tensor:
-    """ComfyUI IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3], one image at a time
-    with a progress bar; ComfyUI's interrupt is honoured between images. ValueError for a bad
-    image (shape, NaN/Inf pixels) or factor; NonFiniteOutputError if the result is not finite."""
+    """ComfyUI IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3] (for OSEDiff weights
+    each side brought down to a multiple of 8, as OSEDiff does: result_size), one image at a
+    time with a progress bar; ComfyUI's interrupt is honoured between images. ValueError for a
+    bad image (shape, NaN/Inf pixels) or factor; NonFiniteOutputError if the result is not finite."""
     check_image(image)
     factor = check_factor(factor)
     pbar = comfy.utils.ProgressBar(image.shape[0])

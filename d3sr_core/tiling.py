@@ -2,6 +2,7 @@
 
 The same one-step pipeline as `pipeline.upscale_one`, with every heavy stage run on tiles:
   1. bicubic upsample of the whole (small) input to the output size, as in the plain path
+     (`pipeline.prepare_input`), padded to a multiple of 8 only (the UNet runs any latent size)
   2. VAE encode on overlapping pixel tiles, blended in latent space
   3. the UNet step (`pipeline.predict_x0`) on overlapping latent tiles, the tiles' x0
      predictions blended with raised-cosine ramps in the overlaps, normalised by the
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import pipeline
-from .colour_fix import COLOUR_FIXES, channel_stats, low_frequency
+from .checks import check_factor
+from .colour_fix import COLOUR_FIXES, channel_stats, low_frequency, truncate_8bit
 from .model import D3SRModel
 
 logger = logging.getLogger(__name__)
@@ -71,12 +73,16 @@ class Span:
 def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
     """Cover [0, length) with the fewest tiles of at most `tile` that overlap by >= `overlap`.
 
-    `length` and `tile` must be multiples of `align`; starts are multiples of `align`. The tile
-    is shrunk to the smallest size that still covers with n tiles, and the tiles are spread
-    evenly, so overlaps come out near `overlap` (never below it) instead of piling up at the end.
+    `tile` must be a multiple of `align`; starts are multiples of `align`. The tile is shrunk to
+    the smallest size that still covers with n tiles, and the tiles are spread evenly, so
+    overlaps come out near `overlap` (never below it) instead of piling up at the end. A
+    `length` that is not a multiple of `align` is laid out as if rounded up to one, and the
+    last tile is cut at `length` (only the last tile reaches past it: starts differ by at least
+    `align`).
     """
     if length <= tile:
         return [Span(0, length, 0, 0)]
+    cut, length = length, _round_up(length, align)
     # Starts snap to `align`, so the overlap is kept in whole steps (rounded up, at most half a tile).
     overlap = max(0, min(_round_up(overlap, align), tile // 2 // align * align))
     n = math.ceil((length - overlap) / (tile - overlap))
@@ -90,7 +96,7 @@ def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
     for i, start in enumerate(starts):
         ramp_in = starts[i - 1] + size - start if i > 0 else 0
         ramp_out = start + size - starts[i + 1] if i < n - 1 else 0
-        spans.append(Span(start, start + size, ramp_in, ramp_out))
+        spans.append(Span(start, min(start + size, cut), ramp_in, ramp_out))
     return spans
 
 
@@ -257,22 +263,29 @@ def tiled_decode_(d3sr: D3SRModel, z: torch.Tensor, out: torch.Tensor, tile: int
     return out
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def colour_fix_(image: torch.Tensor, reference: torch.Tensor, method: str,
-                strip: int = COLOUR_STRIP) -> torch.Tensor:
-    """`colour_fix.apply_colour_fix(image, reference, method).clamp(0, 1)` computed on the whole
-    BCHW image but written in place, `strip` rows at a time (no full-size temporaries)."""
+                strip: int = COLOUR_STRIP, eight_bit: bool = False) -> torch.Tensor:
+    """`colour_fix.apply_colour_fix(image, reference, method, eight_bit).clamp(0, 1)` computed on
+    the whole BCHW image but written in place, `strip` rows at a time (no full-size temporaries)."""
     if method not in COLOUR_FIXES:
         raise ValueError(f"unknown colour fix {method!r}; choose one of {', '.join(COLOUR_FIXES)}")
     h = image.shape[-2]
+    if eight_bit:   # truncate_8bit, in place
+        image.clamp_(0.0, 1.0).mul_(255.0).floor_().div_(255.0)
     if method == "none":
         return image.clamp_(0.0, 1.0)
+    finish = truncate_8bit if eight_bit else _unchanged
     if method == "adain":
         # Statistics over the whole image (as colour_fix.adain); the affine map per strip.
-        mu_i, sd_i = channel_stats(image)
-        mu_r, sd_r = channel_stats(reference)
+        mu_i, sd_i = channel_stats(image, eps_in_variance=eight_bit)
+        mu_r, sd_r = channel_stats(reference, eps_in_variance=eight_bit)
         for y in range(0, h, strip):
             rows = image[..., y: y + strip, :]
-            rows.copy_(((rows - mu_i) / sd_i * sd_r + mu_r).clamp(0, 1))
+            rows.copy_(finish(((rows - mu_i) / sd_i * sd_r + mu_r).clamp(0, 1)))
         return image
     # wavelet: image - low(image) + low(reference). The a-trous blurs reach 2^levels - 1 rows,
     # so a strip computed with that many halo rows is exact in its centre. A strip's result is
@@ -287,7 +300,7 @@ def colour_fix_(image: torch.Tensor, reference: torch.Tensor, method: str,
         fixed = (src - low_frequency(src) + low_frequency(reference[..., a:b, :]))[..., lo:hi, :]
         if pending is not None:
             image[..., pending[0]: pending[0] + pending[1].shape[-2], :] = pending[1]
-        pending = (y, fixed.clamp_(0, 1))
+        pending = (y, finish(fixed.clamp_(0, 1)))
     if pending is not None:
         image[..., pending[0]: pending[0] + pending[1].shape[-2], :] = pending[1]
     return image
@@ -310,7 +323,7 @@ def tile_plan(d3sr: D3SRModel, out_hw: tuple[int, int], tile: int, overlap: int,
               ) -> dict:
     """The tile counts and latent sizes for one image of output size `out_hw`."""
     multiple = pipeline.pixel_multiple(d3sr.model.model)
-    ph, pw = (_round_up(s, multiple) for s in out_hw)
+    ph, pw = (_round_up(s, pipeline.VAE_MULTIPLE) for s in out_hw)
     align = multiple // 8
     unet_tile = max(align, round(tile / multiple) * align)
     unet_overlap = max(0, round(overlap / 8))
@@ -322,18 +335,16 @@ def tile_plan(d3sr: D3SRModel, out_hw: tuple[int, int], tile: int, overlap: int,
             "unet_overlap": unet_overlap, "vae_tile": vt, "steps": sum(counts)}
 
 
-def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, colour_fix: str, out: torch.Tensor,
-                       plan: dict, step: Step) -> None:
+def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str,
+                       out: torch.Tensor, plan: dict, step: Step) -> None:
     """One BCHW [1, 3, h, w] image -> `out` [1, 3, H, W] (a view into the batch result)."""
-    out_h, out_w = out.shape[-2:]
-    upsampled = F.interpolate(lr.float(), size=(out_h, out_w), mode="bicubic",
-                              align_corners=False).clamp_(0.0, 1.0)
+    upsampled = pipeline.prepare_input(d3sr, lr, factor)
     z = tiled_encode(d3sr, upsampled, plan["padded"], plan["vae_tile"], VAE_OVERLAP, step)
     z = tiled_denoise(d3sr, z, plan["unet_tile"], plan["unet_overlap"], plan["align"], step)
     tiled_decode_(d3sr, z, out, plan["vae_tile"], VAE_OVERLAP, step)
     del z
     pipeline.check_output(d3sr, out)   # before the colour fix's clamp, as the plain path
-    colour_fix_(out, upsampled, colour_fix)
+    colour_fix_(out, upsampled, colour_fix, eight_bit=d3sr.osediff_steps)
 
 
 @torch.no_grad()
@@ -341,7 +352,8 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
                   colour_fix: str = "adain", tile: int = DEFAULT_TILE,
                   overlap: int = DEFAULT_OVERLAP, vae_tile: int = 0,
                   min_tile: int | None = None) -> torch.Tensor:
-    """IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3] through tiles.
+    """IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3] through tiles (for OSEDiff
+    weights each side brought down to a multiple of 8: pipeline.result_size).
 
     tile / overlap: UNet tile and overlap in output pixels; vae_tile: VAE tile in output pixels
     (0 = automatic). A progress bar counts tiles (encode + UNet + decode); ComfyUI's interrupt
@@ -352,12 +364,11 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
     min_tile = MIN_TILE if min_tile is None else min_tile
     pipeline.check_image(image)
     image = image.cpu()  # the full-size buffers live in host memory; tiles go to the device
-    if not 1.0 <= factor <= pipeline.MAX_FACTOR:
-        raise ValueError(f"upscale factor {factor} is outside 1..{pipeline.MAX_FACTOR:g}")
+    factor = check_factor(factor)
     if tile < 8 or overlap < 0 or vae_tile < 0:
         raise ValueError(f"tile ({tile}) must be >= 8, overlap ({overlap}) and vae_tile ({vae_tile}) >= 0")
     b = image.shape[0]
-    out_h, out_w = pipeline.output_size(image.shape[1], image.shape[2], factor)
+    out_h, out_w = pipeline.result_size(d3sr, image.shape[1], image.shape[2], factor)
     result = torch.zeros(b, 3, out_h, out_w)
     plan = tile_plan(d3sr, (out_h, out_w), tile, overlap, vae_tile)
     pbar = comfy.utils.ProgressBar(b * plan["steps"])
@@ -373,7 +384,7 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
         while True:
             oom = False
             try:
-                _upscale_one_tiled(d3sr, lr, colour_fix, result[i: i + 1], plan, step)
+                _upscale_one_tiled(d3sr, lr, factor, colour_fix, result[i: i + 1], plan, step)
                 break
             except Exception as e:
                 if not pipeline.is_out_of_memory(e):

@@ -3,7 +3,13 @@
 Layout (format_version 1):
   metadata (all strings): format="d3sr", format_version="1", timestep (T_L, 1..999),
       base_model="sd2.1-base", prediction="epsilon", scale (e.g. "4"), lora_rank,
-      lora_alpha, optional training (a JSON summary of how the file was made).
+      lora_alpha, optional training (a JSON summary of how the file was made),
+      optional upsampler: how the LR image is brought to the output size before the VAE
+      encoder. "torch-bicubic" (the default when absent; what every file written before this
+      key existed gets, and what the D3SR trainer uses): torch's bicubic, a = -0.75, in float.
+      "pillow-bicubic": Pillow's BICUBIC (a = -0.5) on the image quantised to 8 bits, result
+      rounded to 8 bits (d3sr_core.resample), as OSEDiff's test script does. D3SR's paper does
+      not say which bicubic it used, so the choice is stored rather than assumed.
   tensors:
       d3sr.text_embedding                     [1, 77, 1024], the fixed conditioning
       diffusion_model.<ldm path>.lora_A.weight [r, in] or [r, in, kh, kw]
@@ -58,6 +64,7 @@ EXT_VAE_LORA = "vae_lora"
 EXT_FULL_WEIGHTS = "full_weights"
 KNOWN_EXTENSIONS = (EXT_FULL_WEIGHTS, EXT_VAE_LORA)
 EMBEDDING_KINDS = ("fixed", "prompt", "none")
+UPSAMPLERS = ("torch-bicubic", "pillow-bicubic")    # metadata `upsampler`; the first is the default
 PICKLE_EXTENSIONS = (".pkl", ".pt", ".pth", ".ckpt")   # never D3SR files; OSEDiff's release is one
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
 
@@ -76,6 +83,7 @@ class D3SRWeights:
     vae_lora: {"vae.<first_stage_model path>": (A, B, alpha)} (extension vae_lora)
     full_weights: {"diffusion_model.<parameter>": full tensor} (extension full_weights)
     text_embedding_kind: "fixed", "prompt" (CLIP encoding of `prompt`) or "none" (placeholder)
+    upsampler: one of UPSAMPLERS (metadata `upsampler`, see the module docstring)
     """
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -95,6 +103,7 @@ class D3SRWeights:
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     text_embedding_kind: str = "fixed"
     prompt: str = ""
+    upsampler: str = UPSAMPLERS[0]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA as flat tensors named `<path>.lora_A.weight` / `.lora_B.weight` / `.alpha`."""
@@ -206,6 +215,10 @@ def read_weights(path: str) -> D3SRWeights:
     if kind not in EMBEDDING_KINDS:
         raise _fail(path, f"metadata 'text_embedding' is {kind!r}, expected one of "
                     f"{', '.join(EMBEDDING_KINDS)}", "Re-export the file.")
+    upsampler = meta.get("upsampler", UPSAMPLERS[0])
+    if upsampler not in UPSAMPLERS:
+        raise _fail(path, f"metadata 'upsampler' is {upsampler!r}, expected one of {', '.join(UPSAMPLERS)}",
+                    "Re-export the file, or update the D3SR node pack if it is newer.")
     full = {}
     if EXT_FULL_WEIGHTS in extensions:
         full = {k[len(FULL_WEIGHT_PREFIX):]: tensors.pop(k) for k in list(tensors)
@@ -229,12 +242,13 @@ def read_weights(path: str) -> D3SRWeights:
                        prediction=meta["prediction"], training=training,
                        extra_metadata={k: v for k, v in meta.items() if k not in _KNOWN_META},
                        vae_lora=vae_lora, vae_lora_rank=vae_rank, vae_lora_alpha=vae_alpha,
-                       full_weights=full, text_embedding_kind=kind, prompt=meta.get("prompt", ""))
+                       full_weights=full, text_embedding_kind=kind, prompt=meta.get("prompt", ""),
+                       upsampler=upsampler)
 
 
 _KNOWN_META = {"format", "format_version", "timestep", "base_model", "prediction", "scale",
                "lora_rank", "lora_alpha", "training", "extensions", "vae_lora_rank",
-               "vae_lora_alpha", "text_embedding", "prompt"}
+               "vae_lora_alpha", "text_embedding", "prompt", "upsampler"}
 
 
 def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int, prefix: str = LORA_PREFIX
@@ -269,6 +283,8 @@ def _collect_lora(path: str, tensors: dict[str, torch.Tensor], rank: int, prefix
 
 def write_weights(path: str, weights: D3SRWeights) -> None:
     """Write `weights` to `path` atomically (temporary file in the same folder, then rename)."""
+    if weights.upsampler not in UPSAMPLERS:
+        raise ValueError(f"upsampler {weights.upsampler!r} is not one of {', '.join(UPSAMPLERS)}")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -279,6 +295,7 @@ def write_weights(path: str, weights: D3SRWeights) -> None:
         "lora_rank": str(int(weights.lora_rank)),
         "lora_alpha": f"{weights.lora_alpha:g}",
         **weights.extra_metadata,
+        "upsampler": weights.upsampler,
     }
     if weights.training is not None:
         meta["training"] = json.dumps(weights.training, sort_keys=True)

@@ -36,7 +36,10 @@ class D3SROSEDiffLoader(io.ComfyNode):
                 io.String.Input("prompt", default="", multiline=True, optional=True,
                                 tooltip="What the image shows, e.g. tags like 'building, sky, tree' "
                                         "(OSEDiff was trained with tagger prompts). Empty works, "
-                                        "with somewhat less detail."),
+                                        "with somewhat less detail. Read literally, as OSEDiff "
+                                        "does: ComfyUI's (word:1.2) emphasis and embedding: "
+                                        "syntax do not apply; brackets are plain text. Only the "
+                                        "first 75 tokens count."),
             ],
             outputs=[D3SRModelType.Output(display_name="d3sr_model")],
         )

@@ -49,12 +49,28 @@ def raw_vae(checkpoint: str):
     return vae.eval()
 
 
+def pillow_bicubic(lr_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pillow's own BICUBIC resize of each image, quantised to 8 bits (rounded) first."""
+    from PIL import Image
+    out = []
+    for img in lr_bchw:
+        arr = (img.permute(1, 2, 0).double() * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        res = Image.fromarray(arr).resize((size[1], size[0]), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(res).copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def d3sr_reference(unet, vae, lr_bchw: torch.Tensor, factor: float, timestep: int,
-                   embedding: torch.Tensor, multiple: int) -> torch.Tensor:
-    """LR [B, 3, h, w] in [0, 1] -> SR [B, 3, round(f h), round(f w)] in [0, 1], no colour fix."""
+                   embedding: torch.Tensor, multiple: int = 8, upsampler: str = "torch") -> torch.Tensor:
+    """LR [B, 3, h, w] in [0, 1] -> SR [B, 3, round(f h), round(f w)] in [0, 1], no colour fix.
+    The upsampled image is reflect-padded to `multiple` (the VAE's 8) and the UNet runs at that
+    size; upsampler "torch" (F.interpolate bicubic) or "pillow" (Pillow's BICUBIC, 8 bits)."""
     out_h, out_w = round(lr_bchw.shape[2] * factor), round(lr_bchw.shape[3] * factor)
-    x = F.interpolate(lr_bchw, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
+    if upsampler == "pillow":
+        x = pillow_bicubic(lr_bchw, (out_h, out_w))
+    else:
+        x = F.interpolate(lr_bchw, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
     ph, pw = (-out_h) % multiple, (-out_w) % multiple
     x = F.pad(x, (0, pw, 0, ph), mode="reflect")
     moments = vae.quant_conv(vae.encoder(2.0 * x - 1.0))

@@ -7,8 +7,12 @@ PEFT's alpha 8) and replaces conv_in.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
+from reference_d3sr import LATENT_SCALE, abar
 from safetensors.torch import load_file
+from torchvision.transforms import ToPILImage, ToTensor
 
 from d3sr_core import synthetic
 
@@ -155,3 +159,76 @@ def reference_modules(ckpt: str, truth: dict):
         vaes.append(AutoencoderKL(ddconfig=synthetic.KL_VAE_DDCONFIG, embed_dim=4))
         vaes[-1].load_state_dict(sd)
     return unet.eval(), vaes[0].eval(), vaes[1].eval()
+
+
+# ---- OSEDiff's test script (test_osediff.py + osediff.py + wavelet_color_fix.py), written
+# independently: PIL images, Pillow's own resize, torchvision's ToTensor / ToPILImage.
+
+def pil_resize(image, size: tuple[int, int], resample):
+    """Image.resize((w, h)) as Pillow 9.5 (OSEDiff's pinned version) does it: the horizontal pass,
+    then the vertical one. Newer Pillow may run the vertical pass first when the height shrinks,
+    so the two passes are made as separate calls (each one axis, identical in every version)."""
+    w, h = size
+    if w != image.width:
+        image = image.resize((w, image.height), resample)
+    if h != image.height:
+        image = image.resize((w, h), resample)
+    return image
+
+
+def osediff_input(lr_uint8, scale: float = 4.0):
+    """LR [h, w, 3] uint8 -> OSEDiff's `input_image` (PIL): bicubic x scale, then a Lanczos
+    resize of each side down to a multiple of 8."""
+    image = Image.fromarray(lr_uint8)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    return pil_resize(image, (image.width - image.width % 8, image.height - image.height % 8),
+                      Image.LANCZOS)
+
+
+def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c = x.shape[:2]
+    flat = x.reshape(b, c, -1)
+    return flat.mean(dim=2).reshape(b, c, 1, 1), (flat.var(dim=2) + eps).sqrt().reshape(b, c, 1, 1)
+
+
+def _blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype) / 16.0
+    x = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    return torch.nn.functional.conv2d(x, k[None, None].repeat(3, 1, 1, 1), groups=3, dilation=radius)
+
+
+def _wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    high = torch.zeros_like(x)
+    for i in range(levels):
+        low = _blur(x, 2 ** i)
+        high += x - low
+        x = low
+    return high, low
+
+
+def osediff_colour_fix(target, source, method: str):
+    """OSEDiff's adain_color_fix / wavelet_color_fix on PIL images."""
+    t, s = ToTensor()(target)[None], ToTensor()(source)[None]
+    if method == "adain":
+        (mt, st), (ms, ss) = _mean_std(t), _mean_std(s)
+        out = (t - mt) / st * ss + ms
+    else:
+        out = _wavelet_split(t)[0] + _wavelet_split(s)[1]
+    return ToPILImage()(out[0].clamp_(0.0, 1.0))
+
+
+@torch.no_grad()
+def osediff_reference(unet, vae, lr_uint8, embedding: torch.Tensor, method: str = "adain"):
+    """OSEDiff's test script on one LR image [h, w, 3] uint8, with the posterior's mode instead
+    of a sample: returns the output image as uint8 [H, W, 3] (numpy)."""
+    input_image = osediff_input(lr_uint8)
+    lq = ToTensor()(input_image)[None] * 2 - 1
+    z = vae.quant_conv(vae.encoder(lq))[:, :4] * LATENT_SCALE        # latent_dist.mode()
+    eps = unet(z, torch.full((1,), 999.0), context=embedding)
+    a = abar(999)
+    x0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5                      # DDPMScheduler.step at t = 999
+    out = vae.decoder(vae.post_quant_conv(x0 / LATENT_SCALE)).clamp(-1, 1)
+    out_pil = ToPILImage()(out[0] * 0.5 + 0.5)
+    if method != "none":
+        out_pil = osediff_colour_fix(out_pil, input_image, method)
+    return np.array(out_pil)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_d3sr import d3sr_reference, merged_unet, raw_vae
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from d3sr_core import pipeline, synthetic
 from d3sr_core.model import load_d3sr
-from d3sr_core.weight_format import read_weights
+from d3sr_core.weight_format import WeightFileError, read_weights, write_weights
 
 TOL = 1e-4  # float32, CPU
 
@@ -34,14 +36,12 @@ def test_upscale_matches_plain_formula(tiny_sd2, models_dir, raw_modules, timest
 
     ckpt, vae_raw = raw_modules
     unet = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, weights.lora)
-    ref = d3sr_reference(unet, vae_raw, lr.movedim(-1, 1), 4.0, timestep, weights.text_embedding,
-                         multiple=16)
+    ref = d3sr_reference(unet, vae_raw, lr.movedim(-1, 1), 4.0, timestep, weights.text_embedding)
     err = (out.movedim(-1, 1) - ref).abs().max().item()
     assert err < TOL, f"max abs difference {err}"
     # The LoRA must matter: without it the output differs clearly.
     plain = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, {})
-    no_lora = d3sr_reference(plain, vae_raw, lr.movedim(-1, 1), 4.0, timestep,
-                             weights.text_embedding, multiple=16)
+    no_lora = d3sr_reference(plain, vae_raw, lr.movedim(-1, 1), 4.0, timestep, weights.text_embedding)
     assert (no_lora - ref).abs().max().item() > 100 * TOL
 
 
@@ -54,7 +54,7 @@ def test_strength_scales_the_lora(tiny_sd2, models_dir, raw_modules):
     out = pipeline.upscale(d3sr, lr, 2.0, "none")
     ckpt, vae_raw = raw_modules
     unet = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, weights.lora, strength=0.5)
-    ref = d3sr_reference(unet, vae_raw, lr.movedim(-1, 1), 2.0, 399, weights.text_embedding, 16)
+    ref = d3sr_reference(unet, vae_raw, lr.movedim(-1, 1), 2.0, 399, weights.text_embedding)
     assert (out.movedim(-1, 1) - ref).abs().max().item() < TOL
 
 
@@ -95,3 +95,53 @@ def test_stock_lora_loader_patches_the_same_weights(tiny_sd2, models_dir):
         b = comfy.lora.calculate_weight(ours.patches[key], w.clone(), key)
         assert torch.equal(a, b), key
         assert not torch.equal(a, w), f"{key} was not changed by the LoRA"
+
+
+def test_only_the_vae_multiple_is_padded(tiny_sd2, models_dir, monkeypatch):
+    """The UNet runs on the latent of the image padded to 8 px only: 52 x 76 -> 56 x 80 -> 7 x 10
+    (the tiny UNet halves once, so 7 is odd there; ComfyUI's upsamplers take the skip's shape)."""
+    model, vae = tiny_sd2
+    d3sr = load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
+    seen, real = [], pipeline.predict_x0
+
+    def spy(base_model, z, *args, **kwargs):
+        seen.append(tuple(z.shape[-2:]))
+        return real(base_model, z, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_x0", spy)
+    out = pipeline.upscale(d3sr, torch.rand(1, 13, 19, 3), 4.0, "none")
+    assert out.shape == (1, 52, 76, 3) and seen == [(7, 10)]
+    assert pipeline.pixel_multiple(d3sr.model.model) == 16       # what it used to pad to
+
+
+def test_upsampler_metadata_selects_the_bicubic(tiny_sd2, models_dir, raw_modules, tmp_path):
+    """metadata upsampler: absent = torch's bicubic (as before the key existed); pillow-bicubic =
+    Pillow's, checked against Pillow itself; an unknown value is refused."""
+    model, vae = tiny_sd2
+    src = str(models_dir / "d3sr" / "tiny-t399.safetensors")
+    weights = read_weights(src)
+    assert weights.upsampler == "torch-bicubic"
+    assert load_d3sr(model, vae, src).upsampler == "torch-bicubic"
+    weights.upsampler = "pillow-bicubic"
+    path = str(tmp_path / "pillow.safetensors")
+    write_weights(path, weights)
+    d3sr = load_d3sr(model, vae, path)
+    assert d3sr.upsampler == "pillow-bicubic" and not d3sr.osediff_steps
+    lr = torch.rand(1, 11, 13, 3, generator=torch.Generator().manual_seed(7))
+    out = pipeline.upscale(d3sr, lr, 4.0, "none")
+    assert out.shape == (1, 44, 52, 3)                            # D3SR keeps the exact size
+    ckpt, vae_raw = raw_modules
+    unet = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, weights.lora)
+    args = (unet, vae_raw, lr.movedim(-1, 1), 4.0, 399, weights.text_embedding)
+    ref = d3sr_reference(*args, upsampler="pillow")
+    assert (out.movedim(-1, 1) - ref).abs().max().item() < TOL
+    # The two bicubics give clearly different pictures, so the check above has teeth.
+    assert (d3sr_reference(*args) - ref).abs().max().item() > 100 * TOL
+
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["upsampler"] == "pillow-bicubic"
+    save_file(tensors, path, metadata=dict(meta, upsampler="lanczos"))
+    with pytest.raises(WeightFileError, match="metadata 'upsampler' is 'lanczos'"):
+        read_weights(path)

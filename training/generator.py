@@ -95,7 +95,7 @@ class Generator(nn.Module):
         self.lora = LoRASet(unet, lora_target_names(unet), rank, alpha, seed)
         self.embedding = nn.Parameter(embedding.detach().float().clone().reshape(EMBEDDING_SHAPE))
         self.timestep = int(timestep)
-        self.multiple = pipeline.pixel_multiple(patcher.model)
+        self.multiple = pipeline.VAE_MULTIPLE
         if gradient_checkpointing:
             for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
                 for layer in block:
@@ -140,7 +140,7 @@ class Generator(nn.Module):
     @torch.no_grad()
     def super_resolve(self, lr: torch.Tensor, factor: float) -> torch.Tensor:
         """LR BCHW [0, 1] -> SR BCHW [0, 1] as the node computes it without colour fix
-        (bicubic upsample, pad to the UNet's multiple, encode, one step, decode, crop, clamp)."""
+        (bicubic upsample, pad to a multiple of 8, encode, one step, decode, crop, clamp)."""
         out_h, out_w = pipeline.output_size(lr.shape[-2], lr.shape[-1], factor)
         up = pipeline.bicubic_upsample(lr.float(), (out_h, out_w))
         padded = pipeline.pad_to_multiple(up, self.multiple)
