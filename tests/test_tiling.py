@@ -33,27 +33,31 @@ def smooth_image(h: int, w: int) -> torch.Tensor:
 
 def test_layout_keeps_the_requested_overlap_after_alignment():
     # SD2.1 tiles start on 8-latent (64 px) steps: an overlap that is not a whole step is rounded up,
-    # never down to a hard cut. Brute force over lengths, overlaps and alignments.
+    # never down to a hard cut. Brute force over lengths (also ones that are not a multiple of the
+    # alignment: latents are padded to 8 px only), overlaps and alignments.
     for align in (1, 2, 8):
         for tile in (8 * align, 64):
             tile = tile // align * align
             for overlap in range(0, tile // 2 + 1):
-                for length in range(align, 40 * align + 1, align):
+                for length in range(1, 40 * align + 1):
                     spans = tiling.layout(length, tile, overlap, align)
                     assert spans[0].start == 0 and spans[-1].stop == length
                     kept = min(overlap, tile // 2 // align * align)
                     for a, b in zip(spans, spans[1:]):
                         assert a.stop - b.start >= kept, (length, tile, overlap, align, spans)
-                        assert b.start % align == 0 and a.size <= tile
+                        assert b.start % align == 0 and a.size % align == 0 and a.size <= tile
+                    assert spans[-1].ramp_out == 0 and spans[-1].ramp_in < spans[-1].size
 
 
 @pytest.mark.parametrize("length,tile,overlap,align", [(10, 4, 1, 1), (160, 48, 16, 8), (37, 8, 2, 1),
-                                                       (64, 64, 8, 2), (30, 8, 8, 2), (100, 12, 6, 2)])
+                                                       (64, 64, 8, 2), (30, 8, 8, 2), (100, 12, 6, 2),
+                                                       (157, 48, 16, 8), (29, 8, 8, 2), (99, 12, 6, 2)])
 def test_layout_covers_with_weights_summing_to_one(length, tile, overlap, align):
     spans = tiling.layout(length, tile, overlap, align)
     assert spans[0].start == 0 and spans[-1].stop == length
     for s in spans:
-        assert s.size <= tile and s.start % align == 0 and s.size % align == 0
+        assert s.size <= tile and s.start % align == 0
+        assert s.size % align == 0 or s is spans[-1]      # only the last tile is cut at the end
     for a, b in zip(spans, spans[1:]):
         assert b.start <= a.stop - min(overlap, tile // 2 // align * align)   # overlap kept
     total = tiling.weight_sum(spans, length)
@@ -63,13 +67,17 @@ def test_layout_covers_with_weights_summing_to_one(length, tile, overlap, align)
     assert all(tiling.ramp_weights(s).min() > 0 for s in spans)
 
 
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["float", "osediff_8bit"])
 @pytest.mark.parametrize("method", ["adain", "wavelet", "none"])
-def test_colour_fix_in_strips_equals_whole_image(method):
+def test_colour_fix_in_strips_equals_whole_image(method, eight_bit):
     gen = torch.Generator().manual_seed(1)
     image, ref = torch.rand(2, 3, 101, 67, generator=gen) * 1.2 - 0.1, torch.rand(2, 3, 101, 67, generator=gen)
-    expected = apply_colour_fix(image, ref, method).clamp(0, 1)
-    got = tiling.colour_fix_(image.clone(), ref, method, strip=32)
-    assert (got - expected).abs().max().item() < 1e-5
+    expected = apply_colour_fix(image, ref, method, eight_bit).clamp(0, 1)
+    got = tiling.colour_fix_(image.clone(), ref, method, strip=32, eight_bit=eight_bit)
+    # 8-bit: a float difference of 1e-7 may flip a truncation by one level.
+    assert (got - expected).abs().max().item() < (1 / 255 + 1e-6 if eight_bit else 1e-5)
+    if eight_bit:
+        assert (got - expected).abs().gt(1e-6).float().mean() < 1e-3
 
 
 def test_one_tile_equals_plain_upscale(d3sr):
@@ -78,6 +86,27 @@ def test_one_tile_equals_plain_upscale(d3sr):
     tiled = tiling.upscale_tiled(d3sr, lr, 4.0, "adain", tile=512, overlap=64, vae_tile=512)
     assert tiled.shape == plain.shape == (2, 52, 76, 3)
     assert (tiled - plain).abs().max().item() < 1e-5
+    assert tiling.tile_plan(d3sr, (52, 76), 512, 64, 512)["padded"] == (56, 80)   # 8 px, not 16
+
+
+def test_tiles_on_a_latent_that_is_not_a_multiple_of_the_alignment(d3sr, monkeypatch):
+    """116 x 140 px pads to 120 x 144 (latent 15 x 18; the tiny UNet's alignment is 2): UNet tiles
+    of 32 px start on 16 px steps, the last row of tiles is cut at the latent's edge (3 rows), and
+    the UNet runs on exactly the grid's tiles."""
+    plan = tiling.tile_plan(d3sr, (116, 140), 32, 8, 32)
+    assert plan["padded"] == (120, 144)
+    grid = tiling.TileGrid(15, 18, plan["unet_tile"], plan["unet_overlap"], plan["align"])
+    assert grid.rows[-1].stop == 15 and grid.rows[-1].size == 3
+    seen, real = [], pipeline.predict_x0
+
+    def spy(base_model, z, *args, **kwargs):
+        seen.append(tuple(z.shape[-2:]))
+        return real(base_model, z, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_x0", spy)
+    out = tiling.upscale_tiled(d3sr, smooth_image(29, 35), 4.0, "none", tile=32, overlap=8, vae_tile=32)
+    assert out.shape == (1, 116, 140, 3) and torch.isfinite(out).all()
+    assert seen == [(r.size, c.size) for r, c in grid]
 
 
 def border_ratio(image: torch.Tensor, borders: set[int], axis: int, phase: int = 8) -> float:
