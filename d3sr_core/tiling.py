@@ -74,10 +74,10 @@ def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
     """Cover [0, length) with the fewest FULL-SIZE tiles of `tile` that overlap by >= `overlap`.
 
     `tile` must be a multiple of `align`; starts are multiples of `align`. Every tile keeps the
-    full `tile` size (the UNet sees the same number of tokens at every image size, so the cost
-    per pixel does not depend on the image size, and each tile is at the resolution the LoRA
-    was trained at); the slack of covering `length` with whole tiles goes into larger overlaps,
-    spread evenly over the gaps. Only an image no longer than one tile is one shorter tile.
+    full `tile` size (the UNet sees the same number of tokens, the resolution the LoRA was
+    trained at, at every image size; a tile's cost does not depend on the image size); the
+    slack of covering `length` with whole tiles goes into larger overlaps, spread evenly over
+    the gaps. Only an image no longer than one tile is one shorter tile.
     A `length` that is not a multiple of `align` is laid out as if rounded up to one, and the
     last tile is cut at `length` (it loses less than `align`).
     """
