@@ -5,7 +5,7 @@ VAE with seeded random weights (no download: the architecture sets the speed), l
 ComfyUI's own checkpoint loader, applies a random rank-16 D3SR LoRA, and times, in fp16 and
 bf16, after warm-up, the median of 20 runs (CUDA-synchronised wall time, CPU IMAGE in and out,
 as a ComfyUI node sees it):
-  - ours:  pipeline.upscale (bicubic, encode, one UNet step, decode, AdaIN colour fix)
+  - ours:  upscale.upscale (bicubic, encode, one UNet step, decode, AdaIN colour fix)
   - ours tiled: tiling.upscale_tiled with its defaults
   - stock: ComfyUI's stock nodes in one run: ImageScale (bicubic) -> VAEEncode -> KSampler
            (1 step, euler, cfg 1, so one model call) -> VAEDecode
@@ -76,12 +76,13 @@ def time_case(d3sr, vae, cond: list, lr_size: int, out_size: int, args: argparse
     import torch
 
     import nodes
-    from d3sr_core import pipeline, tiling
+    from d3sr_core import tiling
+    from d3sr_core.upscale import upscale
     image = torch.rand(1, lr_size, lr_size, 3, generator=torch.Generator().manual_seed(lr_size))
     factor = out_size / lr_size
 
     def ours():
-        return pipeline.upscale(d3sr, image, factor, "adain")
+        return upscale(d3sr, image, factor, "adain")
 
     def ours_tiled():
         return tiling.upscale_tiled(d3sr, image, factor, "adain")

@@ -1,7 +1,7 @@
 """The D3SRUpscale pipeline against the bare sum of its parts, on the tiny test model, 128->512.
 
 Bare: VAE encoder + quant_conv, one UNet call, post_quant_conv + decoder on the same (already
-LoRA-patched) modules and sizes, no ComfyUI wrappers. Node: d3sr_core.pipeline.upscale with
+LoRA-patched) modules and sizes, no ComfyUI wrappers. Node: d3sr_core.upscale.upscale with
 colour fix 'none' (bicubic upsample, padding, memory management, dtype casts, crop).
 Median of N runs after warm-up, the two paths alternated. Writes benchmarks/results/node_overhead_cpu.md.
 
@@ -30,9 +30,10 @@ import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
-from d3sr_core import pipeline, synthetic  # noqa: E402
+from d3sr_core import synthetic  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 from d3sr_core.model import d3sr_model_from_weights  # noqa: E402
+from d3sr_core.upscale import upscale  # noqa: E402
 
 
 def interleaved_medians(fns: list, runs: int) -> list[float]:
@@ -72,7 +73,7 @@ def main() -> None:
         eps = diffusion(z, t, context=ctx)
         return ae.decoder(ae.post_quant_conv((z - eps) / 0.18215))
 
-    node, bare_t = interleaved_medians([lambda: pipeline.upscale(d3sr, lr, 4.0, "none"), bare], args.runs)
+    node, bare_t = interleaved_medians([lambda: upscale(d3sr, lr, 4.0, "none"), bare], args.runs)
     ratio = node / bare_t
     out = ROOT / "benchmarks" / "results" / "node_overhead_cpu.md"
     text = ("# D3SRUpscale vs the bare forward (tiny test model, 128 -> 512, fp32)\n\n"
@@ -80,7 +81,7 @@ def main() -> None:
             f"Command: `python benchmarks/bench_node_overhead.py --runs {args.runs}` "
             f"(median of {args.runs}, runs interleaved)\n\n"
             "| path | seconds |\n|---|---|\n"
-            f"| bare encode + UNet + decode | {bare_t:.3f} |\n| pipeline.upscale | {node:.3f} |\n\n"
+            f"| bare encode + UNet + decode | {bare_t:.3f} |\n| upscale.upscale | {node:.3f} |\n\n"
             f"Ratio node / bare: **{ratio:.3f}** (goal: at most 1.10)\n")
     write_text_atomic(out, text)
     print(text)

@@ -3,7 +3,7 @@
 Measures, each run in a fresh subprocess (so ru_maxrss is that run's own peak):
   - peak process memory and time per output megapixel for 1024^2, 2048^2, 4096^2 outputs
     through `tiling.upscale_tiled` (x4 from 256^2, 512^2, 1024^2 inputs)
-  - untiled (`pipeline.upscale`) against tiled where both fit, and a tile / overlap sweep
+  - untiled (`upscale.upscale`) against tiled where both fit, and a tile / overlap sweep
   - our tiled VAE against ComfyUI's `VAE.encode_tiled` / `decode_tiled` (time, distance to the
     untiled VAE, and the seam measure of tests/test_tiling.py) with the full-size KL VAE
 Writes benchmarks/results/tiling_cpu.md.
@@ -14,7 +14,10 @@ for encode + decode, too slow on 2 cores for 4096^2) or the same architecture at
 with one res block per level (`--vae small`, the default for the size sweep). Weights are
 random, so only time and memory mean anything, not the images.
 
-Run: python benchmarks/bench_tiling_cpu.py [--quick] [--sizes 1024 2048 4096]
+Run: python benchmarks/bench_tiling_cpu.py [--quick] [--sizes 1024 2048 4096] [--sizes-only]
+--sizes runs in the order given; a size given more than once is measured each time (interleaved
+with the others, so a changing machine load hits every size) and the median is reported.
+--sizes-only runs the size sweep alone (the time-per-MP ratio), nothing else.
 """
 
 from __future__ import annotations
@@ -74,14 +77,15 @@ def lr_image(size: int, factor: float = 4.0):
 def child(args: argparse.Namespace) -> None:
     import torch
     d3sr = load_models(args.work, args.vae)
-    from d3sr_core import pipeline, tiling
+    from d3sr_core import tiling
+    from d3sr_core.upscale import upscale
     loaded = _rss_mb()
     # Warm-up on a small image (kernel selection, lazy allocations), not timed.
     tiling.upscale_tiled(d3sr, lr_image(64), 4.0, "adain", tile=64, overlap=16, vae_tile=64)
     image = lr_image(args.size)
     t0 = time.perf_counter()
     if args.mode == "plain":
-        out = pipeline.upscale(d3sr, image, 4.0, "adain")
+        out = upscale(d3sr, image, 4.0, "adain")
     else:
         out = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=args.tile, overlap=args.overlap,
                                    vae_tile=args.vae_tile)
@@ -163,6 +167,11 @@ def make_models(work: str) -> None:
 CACHE: dict = {}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
 def run_child(work: str, extra: list[str]) -> dict:
     """Run one measurement in a fresh process; results are kept in the --cache file, so a rerun
     after a failure repeats only what is missing."""
@@ -204,6 +213,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--quick", action="store_true", help="skip the sweep and the VAE comparison")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="only the output-size sweep with the defaults (memory and time per MP)")
     p.add_argument("--vae-size", type=int, default=256, help="image size for the VAE comparison")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--cache", help="JSON file keeping each measurement (reused by a rerun)")
@@ -217,6 +228,7 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--vae-tile", type=int, default=0)
     p.add_argument("--vae", default="small")
+    p.add_argument("--run", type=int, default=0, help="repeat number (tells repeated runs apart in --cache)")
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -240,20 +252,25 @@ def main() -> None:
         make_models(work)
         # 1. sizes: memory and time per MP through the tiled path (defaults)
         print("sizes (tiled, small VAE)", flush=True)
-        sizes = {}
-        for s in args.sizes:
-            sizes[s] = run_child(work, ["--child", "--size", str(s), "--tile", str(tiling.DEFAULT_TILE),
-                                        "--overlap", str(tiling.DEFAULT_OVERLAP)])
+        runs: dict[int, list[dict]] = {}
+        for s in args.sizes:   # in the order given: repeated sizes interleave with the others
+            runs.setdefault(s, []).append(run_child(work, [
+                "--child", "--size", str(s), "--tile", str(tiling.DEFAULT_TILE),
+                "--overlap", str(tiling.DEFAULT_OVERLAP), "--run", str(len(runs.get(s, [])))]))
+        sizes = {s: median_run(r) for s, r in sorted(runs.items())}
         lines.append("\n## Output size: peak memory and time per megapixel (tiled, defaults)\n")
         lines.append(f"Tiny SD2 UNet + small VAE, x4, tile {tiling.DEFAULT_TILE} px, overlap "
                      f"{tiling.DEFAULT_OVERLAP} px, VAE tile automatic ({tiling.VAE_TILE_CPU} px on CPU). "
                      "Peak = ru_maxrss of a fresh process (models + runtime included); 'after load' = "
                      "RSS once the models are loaded.\n")
-        lines.append("| output | peak RSS (MB) | after load (MB) | time (s) | s per MP |")
-        lines.append("|---|---|---|---|---|")
+        lines.append(f"Sizes run in this order (each a fresh process; median of a repeated size): "
+                     f"{', '.join(map(str, args.sizes))}.\n")
+        lines.append("| output | peak RSS (MB) | after load (MB) | time (s) | s per MP | runs (s) |")
+        lines.append("|---|---|---|---|---|---|")
         for s, r in sizes.items():
             lines.append(f"| {s}x{s} | {r['peak_mb']:.0f} | {r['loaded_mb']:.0f} | {r['seconds']:.1f} | "
-                         f"{r['seconds'] / (s * s / 1e6):.2f} |")
+                         f"{r['seconds'] / (s * s / 1e6):.2f} | "
+                         f"{', '.join(format(x['seconds'], '.1f') for x in runs[s])} |")
         lo, hi = min(sizes), max(sizes)
         if lo != hi:
             mem_ratio = sizes[hi]["peak_mb"] / sizes[lo]["peak_mb"]
@@ -264,7 +281,7 @@ def main() -> None:
 
         # 1b. the same with tiles that come out exactly equal at every size (256 px UNet and VAE
         # tiles, 64 px overlap: the layout needs no shrinking), so per-MP cost isolates size
-        if lo != hi:
+        if lo != hi and not args.sizes_only:
             print("fixed tile geometry", flush=True)
             fixed = {s: run_child(work, ["--child", "--size", str(s), "--tile", "256", "--overlap", "64",
                                          "--vae-tile", "256"]) for s in (lo, hi)}
@@ -281,43 +298,44 @@ def main() -> None:
             f_mem = fixed[hi]["peak_mb"] / fixed[lo]["peak_mb"]
             lines.append(f"\nTime per MP {hi}^2 / {lo}^2 = **{f_ratio:.2f}x**, peak **{f_mem:.2f}x**.\n")
 
-        # 2. untiled vs tiled where both fit
-        print("untiled vs tiled", flush=True)
-        lines.append("\n## Tiled against untiled (where both fit)\n")
-        lines.append("| output | untiled (s) | untiled peak (MB) | tiled (s) | tiled peak (MB) "
-                     "| tiled / untiled time |")
-        lines.append("|---|---|---|---|---|---|")
-        for s in (512, 1024):
-            plain = run_child(work, ["--child", "--mode", "plain", "--size", str(s)])
-            tiled = sizes.get(s) or run_child(work, ["--child", "--size", str(s)])
-            lines.append(f"| {s}x{s} | {plain['seconds']:.1f} | {plain['peak_mb']:.0f} | {tiled['seconds']:.1f} "
-                         f"| {tiled['peak_mb']:.0f} | {tiled['seconds'] / plain['seconds']:.2f} |")
+        if not args.sizes_only:
+            # 2. untiled vs tiled where both fit
+            print("untiled vs tiled", flush=True)
+            lines.append("\n## Tiled against untiled (where both fit)\n")
+            lines.append("| output | untiled (s) | untiled peak (MB) | tiled (s) | tiled peak (MB) "
+                         "| tiled / untiled time |")
+            lines.append("|---|---|---|---|---|---|")
+            for s in (512, 1024):
+                plain = run_child(work, ["--child", "--mode", "plain", "--size", str(s)])
+                tiled = sizes.get(s) or run_child(work, ["--child", "--size", str(s)])
+                lines.append(f"| {s}x{s} | {plain['seconds']:.1f} | {plain['peak_mb']:.0f} | {tiled['seconds']:.1f} "
+                             f"| {tiled['peak_mb']:.0f} | {tiled['seconds'] / plain['seconds']:.2f} |")
 
-        if not args.quick:
-            # 3. tile / overlap sweep at 1024^2
-            print("sweep", flush=True)
-            lines.append("\n## Tile and overlap sweep (1024x1024 output, small VAE)\n")
-            lines.append("| tile (px) | overlap (px) | VAE tile (px) | time (s) | peak RSS (MB) |")
-            lines.append("|---|---|---|---|---|")
-            for tile, ov, vt in ((256, 64, 512), (512, 128, 512), (1024, 64, 512)):
-                r = run_child(work, ["--child", "--size", "1024", "--tile", str(tile), "--overlap", str(ov),
-                                     "--vae-tile", str(vt)])
-                lines.append(f"| {tile} | {ov} | {vt} | {r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+            if not args.quick:
+                # 3. tile / overlap sweep at 1024^2
+                print("sweep", flush=True)
+                lines.append("\n## Tile and overlap sweep (1024x1024 output, small VAE)\n")
+                lines.append("| tile (px) | overlap (px) | VAE tile (px) | time (s) | peak RSS (MB) |")
+                lines.append("|---|---|---|---|---|")
+                for tile, ov, vt in ((256, 64, 512), (512, 128, 512), (1024, 64, 512)):
+                    r = run_child(work, ["--child", "--size", "1024", "--tile", str(tile), "--overlap", str(ov),
+                                         "--vae-tile", str(vt)])
+                    lines.append(f"| {tile} | {ov} | {vt} | {r['seconds']:.1f} | {r['peak_mb']:.0f} |")
 
-            # 4. our tiled VAE vs ComfyUI's, full-size KL VAE
-            print("VAE comparison (KL)", flush=True)
-            n, vt = args.vae_size, args.vae_size // 2
-            r = run_child(work, ["--vae-child", "--size", str(n), "--vae-tile", str(vt)])
-            lines.append(f"\n## Tiled VAE: ours against ComfyUI's encode_tiled/decode_tiled\n\n"
-                         f"SD's full KL VAE, a {n}x{n} image encoded and decoded with {vt} px tiles, "
-                         f"{vt // 4} px overlap (both paths). 'MAE' = mean |tiled - untiled| in [0, 1]; "
-                         "'seam' = the test's border/interior difference ratio at tile borders.\n")
-            lines.append("| VAE path | time (s) | MAE to untiled | seam ratio |")
-            lines.append("|---|---|---|---|")
-            for name, label in (("untiled", "untiled"), ("ours", "ours (1 pass, raised-cosine)"),
-                                ("comfy", "ComfyUI (3 passes, linear feather)")):
-                lines.append(f"| {label} | {r[name + '_s']:.1f} | {r[name + '_mae']:.4f} | "
-                             f"{r[name + '_seam']:.2f} |")
+                # 4. our tiled VAE vs ComfyUI's, full-size KL VAE
+                print("VAE comparison (KL)", flush=True)
+                n, vt = args.vae_size, args.vae_size // 2
+                r = run_child(work, ["--vae-child", "--size", str(n), "--vae-tile", str(vt)])
+                lines.append(f"\n## Tiled VAE: ours against ComfyUI's encode_tiled/decode_tiled\n\n"
+                             f"SD's full KL VAE, a {n}x{n} image encoded and decoded with {vt} px tiles, "
+                             f"{vt // 4} px overlap (both paths). 'MAE' = mean |tiled - untiled| in [0, 1]; "
+                             "'seam' = the test's border/interior difference ratio at tile borders.\n")
+                lines.append("| VAE path | time (s) | MAE to untiled | seam ratio |")
+                lines.append("|---|---|---|---|")
+                for name, label in (("untiled", "untiled"), ("ours", "ours (1 pass, raised-cosine)"),
+                                    ("comfy", "ComfyUI (3 passes, linear feather)")):
+                    lines.append(f"| {label} | {r[name + '_s']:.1f} | {r[name + '_mae']:.4f} | "
+                                 f"{r[name + '_seam']:.2f} |")
     load1 = os.getloadavg()
     lines.append(f"\nTotal benchmark wall time {time.time() - started:.0f} s; load average at end "
                  f"{load1[0]:.1f}.\n")

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from .image_io import load_image, save_png_atomic
         from .model import load_d3sr
-        from .pipeline import NonFiniteOutputError, upscale
+        from .pipeline import NonFiniteOutputError
+        from .upscale import upscale
 
         try:
             model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_clip=False)

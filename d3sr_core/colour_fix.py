@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 COLOUR_FIXES = ("adain", "wavelet", "none")
+WAVELET_LEVELS = 5    # a-trous levels of the wavelet fix: its blurs reach 2^levels - 1 pixels
 
 
 def channel_stats(x: torch.Tensor, eps: float = 1e-5, eps_in_variance: bool = False
@@ -52,14 +53,14 @@ def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
     return F.conv2d(x, kernel, dilation=dilation, groups=x.shape[1])
 
 
-def low_frequency(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+def low_frequency(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
     """The residual low-pass after `levels` a-trous wavelet levels (dilations 1, 2, 4, ...)."""
     for i in range(levels):
         x = _blur(x, 2 ** i)
     return x
 
 
-def wavelet(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+def wavelet(image: torch.Tensor, reference: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
     """High frequencies of `image` plus low frequencies of `reference`."""
     return image - low_frequency(image, levels) + low_frequency(reference, levels)
 

@@ -11,6 +11,8 @@ skip connection, so only the VAE's factor 8 is padded (padding to the UNet's 64 
 made-up content into its global attention and change the picture).
 With `D3SRModel.osediff_steps` the input and output follow OSEDiff's test script instead
 (`prepare_input`, colour_fix's `eight_bit`); see docs/osediff.md.
+The batch entry point with its out-of-memory fallback to tiles is `d3sr_core.upscale.upscale`
+(it sits above this module and `tiling`, which builds on this one).
 Images are ComfyUI IMAGE tensors [B, H, W, C] in [0, 1] unless a docstring says BCHW.
 """
 
@@ -19,12 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import comfy.model_management as mm
-import comfy.utils
 import torch
 import torch.nn.functional as F
 
 from .checks import MAX_FACTOR as MAX_FACTOR  # re-exported: the nodes' and tiling's limit
-from .checks import check_factor
 from .colour_fix import apply_colour_fix
 from .model import D3SRModel
 from .resample import pillow_resize
@@ -203,34 +203,3 @@ def upscale_one(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: st
     sr = decode_latent(d3sr, z_h)[..., :out_h, :out_w].float().cpu()
     check_output(d3sr, sr)   # before the colour fix and the clamp, which would hide an Inf
     return apply_colour_fix(sr, upsampled.cpu(), colour_fix, eight_bit=d3sr.osediff_steps).clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def upscale(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0, colour_fix: str = "adain"
-            ) -> torch.Tensor:
-    """ComfyUI IMAGE [B, h, w, 3] -> IMAGE [B, round(f*h), round(f*w), 3] (for OSEDiff weights
-    each side brought down to a multiple of 8, as OSEDiff does: result_size), one image at a
-    time with a progress bar; ComfyUI's interrupt is honoured between images. ValueError for a
-    bad image (shape, NaN/Inf pixels) or factor; NonFiniteOutputError if the result is not finite."""
-    check_image(image)
-    factor = check_factor(factor)
-    pbar = comfy.utils.ProgressBar(image.shape[0])
-    outputs = []
-    for i in range(image.shape[0]):
-        mm.throw_exception_if_processing_interrupted()
-        lr = image[i: i + 1].movedim(-1, 1)
-        oom = False
-        try:
-            outputs.append(upscale_one(d3sr, lr, factor, colour_fix))
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            oom = True  # handled outside the except block so the failed pass's tensors are freed
-        if oom:
-            # Retry through tiles, halving the tile down to a floor; that path logs what it does
-            # and raises D3SROutOfMemoryError if even the smallest tile does not fit.
-            from .tiling import upscale_after_oom
-            mm.soft_empty_cache()
-            outputs.append(upscale_after_oom(d3sr, lr, factor, colour_fix))
-        pbar.update(1)
-    return torch.cat(outputs).movedim(1, -1)

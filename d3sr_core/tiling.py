@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import pipeline
 from .checks import check_factor
-from .colour_fix import COLOUR_FIXES, channel_stats, low_frequency, truncate_8bit
+from .colour_fix import COLOUR_FIXES, WAVELET_LEVELS, channel_stats, low_frequency, truncate_8bit
 from .model import D3SRModel
 
 logger = logging.getLogger(__name__)
@@ -71,14 +71,15 @@ class Span:
 
 
 def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
-    """Cover [0, length) with the fewest tiles of at most `tile` that overlap by >= `overlap`.
+    """Cover [0, length) with the fewest FULL-SIZE tiles of `tile` that overlap by >= `overlap`.
 
-    `tile` must be a multiple of `align`; starts are multiples of `align`. The tile is shrunk to
-    the smallest size that still covers with n tiles, and the tiles are spread evenly, so
-    overlaps come out near `overlap` (never below it) instead of piling up at the end. A
-    `length` that is not a multiple of `align` is laid out as if rounded up to one, and the
-    last tile is cut at `length` (only the last tile reaches past it: starts differ by at least
-    `align`).
+    `tile` must be a multiple of `align`; starts are multiples of `align`. Every tile keeps the
+    full `tile` size (the UNet sees the same number of tokens, the resolution the LoRA was
+    trained at, at every image size; a tile's cost does not depend on the image size); the
+    slack of covering `length` with whole tiles goes into larger overlaps, spread evenly over
+    the gaps. Only an image no longer than one tile is one shorter tile.
+    A `length` that is not a multiple of `align` is laid out as if rounded up to one, and the
+    last tile is cut at `length` (it loses less than `align`).
     """
     if length <= tile:
         return [Span(0, length, 0, 0)]
@@ -87,16 +88,15 @@ def layout(length: int, tile: int, overlap: int, align: int = 1) -> list[Span]:
     overlap = max(0, min(_round_up(overlap, align), tile // 2 // align * align))
     n = math.ceil((length - overlap) / (tile - overlap))
     while True:
-        size = min(tile, _round_up(math.ceil((length + (n - 1) * overlap) / n), align))
-        starts = [round(i * (length - size) / (n - 1) / align) * align for i in range(n)]
-        if all(b - a <= size - overlap for a, b in zip(starts, starts[1:])):
+        starts = [round(i * (length - tile) / (n - 1) / align) * align for i in range(n)]
+        if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
             break
         n += 1  # snapping the starts ate into an overlap: one more tile
     spans = []
     for i, start in enumerate(starts):
-        ramp_in = starts[i - 1] + size - start if i > 0 else 0
-        ramp_out = start + size - starts[i + 1] if i < n - 1 else 0
-        spans.append(Span(start, min(start + size, cut), ramp_in, ramp_out))
+        ramp_in = starts[i - 1] + tile - start if i > 0 else 0
+        ramp_out = start + tile - starts[i + 1] if i < n - 1 else 0
+        spans.append(Span(start, min(start + tile, cut), ramp_in, ramp_out))
     return spans
 
 
@@ -166,6 +166,34 @@ def _normalise_(acc: torch.Tensor, norm_rows: torch.Tensor, norm_cols: torch.Ten
     return acc.div_(norm_cols[None, :w].to(acc.device))
 
 
+def blend_tiles_(acc: torch.Tensor, grid: TileGrid, run_tile: Callable[[Span, Span], torch.Tensor],
+                 scale: int = 1, step: Step | None = None) -> torch.Tensor:
+    """Fill BCHW `acc` ([B, C, H, W], H <= grid.h * scale, W <= grid.w * scale) with the blend of
+    `run_tile(r, c)` ([B, C, >= its part of acc]) over the tiles of `grid`, `scale` units of acc
+    per grid unit: each tile weighted by its raised-cosine ramps, the sum normalised by the summed
+    weights. Tiles are cropped to `acc` (those wholly outside it are not run). A single tile is
+    copied unweighted, so a one-tile image equals the untiled path exactly. ComfyUI's interrupt
+    is checked before every tile; `step` is called after each. `acc` is overwritten; returns it."""
+    acc.zero_()
+    h, w = acc.shape[-2:]
+    single = len(grid) == 1
+    for r, c in grid:
+        mm.throw_exception_if_processing_interrupted()
+        y0, y1 = r.start * scale, min(r.stop * scale, h)
+        x0, x1 = c.start * scale, min(c.stop * scale, w)
+        if y0 < y1 and x0 < x1:
+            part = run_tile(r, c)[..., : y1 - y0, : x1 - x0].float().to(acc.device)
+            if not single:
+                part = part * grid.weight(r, c, scale)[: y1 - y0, : x1 - x0].to(acc.device)
+            acc[..., y0:y1, x0:x1] += part
+            del part
+        if step:
+            step()
+    if not single:
+        _normalise_(acc, *grid.norms(scale))
+    return acc
+
+
 def _padded_index(start: int, stop: int, size: int, reflect: bool) -> torch.Tensor:
     """Indices into an axis of `size` that reproduce `pipeline.pad_to_multiple` (reflect or
     replicate at the bottom/right) for positions [start, stop)."""
@@ -184,9 +212,8 @@ def tiled_encode(d3sr: D3SRModel, pixels: torch.Tensor, padded_hw: tuple[int, in
     ph, pw = padded_hw
     reflect = ph - h < h and pw - w < w
     grid = TileGrid(ph // 8, pw // 8, max(1, tile // 8), overlap // 8)
-    acc = torch.zeros(pixels.shape[0], 4, ph // 8, pw // 8)
-    for r, c in grid:
-        mm.throw_exception_if_processing_interrupted()
+
+    def encode(r: Span, c: Span) -> torch.Tensor:
         if len(grid) == 1:  # the same call as pad_to_multiple: bit-identical to the plain path
             crop = pixels if (ph, pw) == (h, w) else F.pad(
                 pixels, (0, pw - w, 0, ph - h), mode="reflect" if reflect else "replicate")
@@ -194,15 +221,9 @@ def tiled_encode(d3sr: D3SRModel, pixels: torch.Tensor, padded_hw: tuple[int, in
             rows = _padded_index(r.start * 8, r.stop * 8, h, reflect)
             cols = _padded_index(c.start * 8, c.stop * 8, w, reflect)
             crop = pixels.index_select(-2, rows).index_select(-1, cols)
-        z = d3sr.vae.encode(crop.movedim(1, -1)).float().to(acc.device)
-        if len(grid) == 1:
-            acc = z
-        else:
-            acc[..., r.start:r.stop, c.start:c.stop] += z * grid.weight(r, c)
-        if step:
-            step()
-    if len(grid) > 1:
-        _normalise_(acc, *grid.norms())
+        return d3sr.vae.encode(crop.movedim(1, -1))
+
+    acc = blend_tiles_(torch.empty(pixels.shape[0], 4, ph // 8, pw // 8), grid, encode, step=step)
     return d3sr.model.model.process_latent_in(acc)
 
 
@@ -217,23 +238,14 @@ def tiled_denoise(d3sr: D3SRModel, z: torch.Tensor, tile: int, overlap: int, ali
     mm.load_models_gpu([patcher], memory_required=memory)
     device = patcher.load_device
     opts = patcher.model_options.get("transformer_options", {})
-    acc = torch.zeros(z.shape, dtype=torch.float32, device=mm.intermediate_device())
-    for r, c in grid:
-        mm.throw_exception_if_processing_interrupted()
+
+    def denoise(r: Span, c: Span) -> torch.Tensor:
         z_tile = z[..., r.start:r.stop, c.start:c.stop].to(device)
         # Looked up on the module each time, so tests can wrap it (e.g. to simulate OOM).
-        x0 = pipeline.predict_x0(patcher.model, z_tile, d3sr.timestep, d3sr.text_embedding, opts)
-        x0 = x0.to(acc.device)
-        if len(grid) == 1:
-            acc = x0
-        else:
-            acc[..., r.start:r.stop, c.start:c.stop] += x0 * grid.weight(r, c).to(acc.device)
-        del z_tile, x0
-        if step:
-            step()
-    if len(grid) > 1:
-        _normalise_(acc, *grid.norms())
-    return acc
+        return pipeline.predict_x0(patcher.model, z_tile, d3sr.timestep, d3sr.text_embedding, opts)
+
+    acc = torch.empty(z.shape, dtype=torch.float32, device=mm.intermediate_device())
+    return blend_tiles_(acc, grid, denoise, step=step)
 
 
 def tiled_decode_(d3sr: D3SRModel, z: torch.Tensor, out: torch.Tensor, tile: int,
@@ -241,26 +253,13 @@ def tiled_decode_(d3sr: D3SRModel, z: torch.Tensor, out: torch.Tensor, tile: int
     """Decode the scaled latent `z` [B, 4, h, w] tile by tile into the BCHW buffer `out`
     ([B, 3, H, W] with H <= 8h, W <= 8w: the decode is cropped to it), blending the pixel tiles.
     `out` is overwritten; returns it."""
-    h_out, w_out = out.shape[-2:]
     grid = TileGrid(z.shape[-2], z.shape[-1], max(1, tile // 8), overlap // 8)
     latent = d3sr.model.model.process_latent_out(z)
-    out.zero_()
-    for r, c in grid:
-        mm.throw_exception_if_processing_interrupted()
-        y0, x0 = r.start * 8, c.start * 8
-        y1, x1 = min(r.stop * 8, h_out), min(c.stop * 8, w_out)
-        if y0 < y1 and x0 < x1:
-            px = d3sr.vae.decode(latent[..., r.start:r.stop, c.start:c.stop]).movedim(-1, 1)
-            px = px[..., : y1 - y0, : x1 - x0].float().to(out.device)
-            if len(grid) > 1:
-                px = px * grid.weight(r, c, 8)[: y1 - y0, : x1 - x0]
-            out[..., y0:y1, x0:x1] += px
-            del px
-        if step:
-            step()
-    if len(grid) > 1:
-        _normalise_(out, *grid.norms(8))
-    return out
+
+    def decode(r: Span, c: Span) -> torch.Tensor:
+        return d3sr.vae.decode(latent[..., r.start:r.stop, c.start:c.stop]).movedim(-1, 1)
+
+    return blend_tiles_(out, grid, decode, scale=8, step=step)
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
@@ -287,17 +286,19 @@ def colour_fix_(image: torch.Tensor, reference: torch.Tensor, method: str,
             rows = image[..., y: y + strip, :]
             rows.copy_(finish(((rows - mu_i) / sd_i * sd_r + mu_r).clamp(0, 1)))
         return image
-    # wavelet: image - low(image) + low(reference). The a-trous blurs reach 2^levels - 1 rows,
-    # so a strip computed with that many halo rows is exact in its centre. A strip's result is
-    # written only after the next strip has read its (still original) halo rows.
-    halo = 2 ** 5 - 1
+    # wavelet: image - low(image) + low(reference). The a-trous blurs (dilations 1, 2, ...,
+    # 2^(levels-1)) reach 2^levels - 1 rows, so a strip computed with that many halo rows is exact
+    # in its centre. A strip's result is written only after the next strip has read its (still
+    # original) halo rows.
+    halo = 2 ** WAVELET_LEVELS - 1
     strip = max(strip, halo)
     pending: tuple[int, torch.Tensor] | None = None
     for y in range(0, h, strip):
         a, b = max(0, y - halo), min(h, y + strip + halo)
         lo, hi = y - a, min(h, y + strip) - a
         src = image[..., a:b, :]
-        fixed = (src - low_frequency(src) + low_frequency(reference[..., a:b, :]))[..., lo:hi, :]
+        fixed = (src - low_frequency(src, WAVELET_LEVELS)
+                 + low_frequency(reference[..., a:b, :], WAVELET_LEVELS))[..., lo:hi, :]
         if pending is not None:
             image[..., pending[0]: pending[0] + pending[1].shape[-2], :] = pending[1]
         pending = (y, finish(fixed.clamp_(0, 1)))
@@ -319,29 +320,55 @@ def auto_vae_tile(d3sr: D3SRModel) -> int:
     return 256
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image of a given output size is cut into tiles.
+
+    padded: the output size (h, w) padded to multiples of 8 (pixels); align: UNet tile starts
+    are multiples of this (latents: the UNet's downsampling); unet_tile / unet_overlap: in
+    latents; vae_tile: VAE tile in output pixels (automatic resolved); steps: progress-bar
+    steps for one image (VAE encode + UNet + VAE decode tiles)."""
+
+    padded: tuple[int, int]
+    align: int
+    unet_tile: int
+    unet_overlap: int
+    vae_tile: int
+
+    def unet_grid(self) -> TileGrid:
+        """The UNet tiles on the latent [padded / 8]."""
+        ph, pw = self.padded
+        return TileGrid(ph // 8, pw // 8, self.unet_tile, self.unet_overlap, self.align)
+
+    def vae_grid(self) -> TileGrid:
+        """The VAE tiles (encode and decode) on the latent [padded / 8]."""
+        ph, pw = self.padded
+        return TileGrid(ph // 8, pw // 8, max(1, self.vae_tile // 8), VAE_OVERLAP // 8)
+
+    @property
+    def steps(self) -> int:
+        return 2 * len(self.vae_grid()) + len(self.unet_grid())
+
+
 def tile_plan(d3sr: D3SRModel, out_hw: tuple[int, int], tile: int, overlap: int, vae_tile: int
-              ) -> dict:
-    """The tile counts and latent sizes for one image of output size `out_hw`."""
+              ) -> TilePlan:
+    """The tiles for one image of output size `out_hw` (tile, overlap, vae_tile in output
+    pixels; vae_tile 0 = automatic)."""
     multiple = pipeline.pixel_multiple(d3sr.model.model)
     ph, pw = (_round_up(s, pipeline.VAE_MULTIPLE) for s in out_hw)
     align = multiple // 8
-    unet_tile = max(align, round(tile / multiple) * align)
-    unet_overlap = max(0, round(overlap / 8))
-    vt = vae_tile or auto_vae_tile(d3sr)
-    counts = (len(TileGrid(ph // 8, pw // 8, max(1, vt // 8), VAE_OVERLAP // 8)),
-              len(TileGrid(ph // 8, pw // 8, unet_tile, unet_overlap, align)),
-              len(TileGrid(ph // 8, pw // 8, max(1, vt // 8), VAE_OVERLAP // 8)))
-    return {"padded": (ph, pw), "align": align, "unet_tile": unet_tile,
-            "unet_overlap": unet_overlap, "vae_tile": vt, "steps": sum(counts)}
+    return TilePlan(padded=(ph, pw), align=align,
+                    unet_tile=max(align, round(tile / multiple) * align),
+                    unet_overlap=max(0, round(overlap / 8)), vae_tile=vae_tile or auto_vae_tile(d3sr))
 
 
 def _upscale_one_tiled(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str,
-                       out: torch.Tensor, plan: dict, step: Step) -> None:
+                       out: torch.Tensor, plan: TilePlan, step: Step) -> None:
     """One BCHW [1, 3, h, w] image -> `out` [1, 3, H, W] (a view into the batch result)."""
     upsampled = pipeline.prepare_input(d3sr, lr, factor)
-    z = tiled_encode(d3sr, upsampled, plan["padded"], plan["vae_tile"], VAE_OVERLAP, step)
-    z = tiled_denoise(d3sr, z, plan["unet_tile"], plan["unet_overlap"], plan["align"], step)
-    tiled_decode_(d3sr, z, out, plan["vae_tile"], VAE_OVERLAP, step)
+    z = tiled_encode(d3sr, upsampled, plan.padded, plan.vae_tile, VAE_OVERLAP, step)
+    z = tiled_denoise(d3sr, z, plan.unet_tile, plan.unet_overlap, plan.align, step)
+    tiled_decode_(d3sr, z, out, plan.vae_tile, VAE_OVERLAP, step)
     del z
     pipeline.check_output(d3sr, out)   # before the colour fix's clamp, as the plain path
     colour_fix_(out, upsampled, colour_fix, eight_bit=d3sr.osediff_steps)
@@ -371,7 +398,7 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
     out_h, out_w = pipeline.result_size(d3sr, image.shape[1], image.shape[2], factor)
     result = torch.zeros(b, 3, out_h, out_w)
     plan = tile_plan(d3sr, (out_h, out_w), tile, overlap, vae_tile)
-    pbar = comfy.utils.ProgressBar(b * plan["steps"])
+    pbar = comfy.utils.ProgressBar(b * plan.steps)
     done = 0
 
     def step() -> None:
@@ -405,17 +432,5 @@ def upscale_tiled(d3sr: D3SRModel, image: torch.Tensor, factor: float = 4.0,
                                new_vae or "auto")
                 tile, vae_tile = new_tile, new_vae
                 plan = tile_plan(d3sr, (out_h, out_w), tile, overlap, vae_tile)
-                pbar.update_absolute(done, done + (b - i) * plan["steps"])
+                pbar.update_absolute(done, done + (b - i) * plan.steps)
     return result.movedim(1, -1)
-
-
-def upscale_after_oom(d3sr: D3SRModel, lr: torch.Tensor, factor: float, colour_fix: str
-                      ) -> torch.Tensor:
-    """The plain path's fallback: BCHW [1, 3, h, w] that did not fit in one piece -> BCHW output
-    through tiles, starting from half the longer output side (at most DEFAULT_TILE)."""
-    out_h, out_w = pipeline.output_size(lr.shape[-2], lr.shape[-1], factor)
-    tile = max(MIN_TILE, min(DEFAULT_TILE, _round_up(max(out_h, out_w) // 2, 8)))
-    logger.warning("D3SR: out of memory upscaling %dx%d to %dx%d in one piece on %s; retrying "
-                   "with %d px tiles.", lr.shape[-1], lr.shape[-2], out_w, out_h,
-                   mm.get_torch_device(), tile)
-    return upscale_tiled(d3sr, lr.movedim(1, -1), factor, colour_fix, tile=tile).movedim(-1, 1)

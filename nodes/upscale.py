@@ -3,7 +3,8 @@
 from comfy_api.latest import io
 
 from ..d3sr_core.colour_fix import COLOUR_FIXES
-from ..d3sr_core.pipeline import MAX_FACTOR, upscale
+from ..d3sr_core.pipeline import MAX_FACTOR
+from ..d3sr_core.upscale import upscale
 from .types import CATEGORY, D3SRModelType
 
 

@@ -18,6 +18,7 @@ import torch
 
 from d3sr_core import osediff, pipeline, synthetic, tiling, weight_format
 from d3sr_core.model import load_d3sr
+from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import read_weights, write_weights
 
 
@@ -38,7 +39,7 @@ def huge_alpha_file(models_dir, tmp_path_factory):
 
 
 def _upscalers():
-    return {"plain": lambda d, img, **kw: pipeline.upscale(d, img, 2.0, **kw),
+    return {"plain": lambda d, img, **kw: upscale(d, img, 2.0, **kw),
             "tiled": lambda d, img, **kw: tiling.upscale_tiled(d, img, 2.0, tile=64, overlap=0, **kw)}
 
 
@@ -62,9 +63,9 @@ def test_non_finite_strength_is_refused(tiny_sd2, models_dir, strength):
 @pytest.mark.parametrize("factor", [float("nan"), float("inf"), 0.5, 9.0])
 def test_bad_factor_is_refused(d3sr, factor):
     image = torch.rand(1, 8, 8, 3)
-    for upscale in (pipeline.upscale, tiling.upscale_tiled):
+    for run in (upscale, tiling.upscale_tiled):
         with pytest.raises(ValueError, match="outside 1..8"):
-            upscale(d3sr, image, factor)
+            run(d3sr, image, factor)
 
 
 @pytest.mark.parametrize("path", ["plain", "tiled"])
@@ -82,8 +83,8 @@ def test_non_finite_output_is_an_error_naming_the_causes(tiny_sd2, huge_alpha_fi
 
 def test_finite_output_still_passes(d3sr):
     image = torch.rand(1, 12, 10, 3, generator=torch.Generator().manual_seed(2))
-    for upscale in (pipeline.upscale, tiling.upscale_tiled):
-        out = upscale(d3sr, image, 2.0)
+    for run in (upscale, tiling.upscale_tiled):
+        out = run(d3sr, image, 2.0)
         assert out.shape == (1, 24, 20, 3) and torch.isfinite(out).all()
 
 

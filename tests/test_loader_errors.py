@@ -9,8 +9,9 @@ import comfy.supported_models
 import pytest
 import torch
 
-from d3sr_core import pipeline, synthetic
+from d3sr_core import synthetic
 from d3sr_core.model import BaseModelMismatchError, load_d3sr
+from d3sr_core.upscale import upscale
 
 
 def test_sd1_checkpoint_is_rejected(models_dir):
@@ -62,14 +63,14 @@ def test_bad_images_are_rejected(tiny_sd2, models_dir, shape, expected):
     model, vae = tiny_sd2
     d3sr = load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
     with pytest.raises(ValueError, match=expected):
-        pipeline.upscale(d3sr, torch.rand(shape), 4.0)
+        upscale(d3sr, torch.rand(shape), 4.0)
 
 
 def test_factor_out_of_range(tiny_sd2, models_dir):
     model, vae = tiny_sd2
     d3sr = load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
     with pytest.raises(ValueError, match="outside 1..8"):
-        pipeline.upscale(d3sr, torch.rand(1, 8, 8, 3), 9.0)
+        upscale(d3sr, torch.rand(1, 8, 8, 3), 9.0)
 
 
 @pytest.mark.parametrize("sampling,zsnr,expected", [("v_prediction", False, "epsilon prediction"),

@@ -30,8 +30,9 @@ from reference_osediff import (
     reference_modules,
 )
 
-from d3sr_core import osediff, pipeline, resample, synthetic, tiling
+from d3sr_core import osediff, resample, synthetic, tiling
 from d3sr_core.model import load_d3sr
+from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import WeightFileError, read_weights
 
 LEVEL = 1.0 / 255.0
@@ -66,7 +67,7 @@ def lr() -> torch.Tensor:
 def pkl_output(tiny_sd2, sd2_clip, osediff_file, lr):
     model, vae = tiny_sd2
     d3sr = osediff.load_osediff(model, vae, str(osediff_file[0]), clip=sd2_clip, prompt=PROMPT)
-    return d3sr, pipeline.upscale(d3sr, lr, 4.0, "none")
+    return d3sr, upscale(d3sr, lr, 4.0, "none")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_loader_and_upscale_equal_osediffs_script(sd2_clip, reference, pkl_outpu
     emb = literal_embedding(sd2_clip, PROMPT)
     lrs = [lr_uint8((*size, 3), seed) for seed in (1, 2)]
     batch = torch.from_numpy(np.stack(lrs)).float() / 255
-    out, net = (pipeline.upscale(d3sr, batch, 4.0, m) * 255 for m in (method, "none"))
+    out, net = (upscale(d3sr, batch, 4.0, m) * 255 for m in (method, "none"))
     for x in (out, net):                                   # 8-bit levels, as OSEDiff's PNG
         assert (x - x.round()).abs().max() < 1e-3
     out, net = out.round(), net.round()
@@ -143,7 +144,7 @@ def test_each_osediff_step_matters(sd2_clip, reference, pkl_output):
     ref = torch.from_numpy(osediff_reference(unet, vae, lr_img, emb, "adain")).double()
     image = torch.from_numpy(lr_img)[None].float() / 255
     as_d3sr = dataclasses.replace(d3sr, osediff_steps=False, upsampler="torch-bicubic")
-    assert (pipeline.upscale(as_d3sr, image, 4.0, "adain")[0].double() * 255 - ref).abs().max() > 2
+    assert (upscale(as_d3sr, image, 4.0, "adain")[0].double() * 255 - ref).abs().max() > 2
     no_vae_lora = torch.from_numpy(osediff_reference(unet, plain_vae, lr_img, emb, "adain")).double()
     assert (no_vae_lora - ref).abs().max() > 2
 
@@ -151,7 +152,7 @@ def test_each_osediff_step_matters(sd2_clip, reference, pkl_output):
 def test_tiled_upscale_follows_osediffs_steps(pkl_output):
     d3sr = pkl_output[0]
     image = torch.from_numpy(lr_uint8((2, 13, 19, 3), 4)).float() / 255
-    plain = pipeline.upscale(d3sr, image, 4.0, "adain")
+    plain = upscale(d3sr, image, 4.0, "adain")
     one_tile = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=512, vae_tile=512)
     assert plain.shape == one_tile.shape == (2, 48, 72, 3)
     assert (one_tile - plain).abs().max().item() <= LEVEL + 1e-6
@@ -165,7 +166,7 @@ def test_sides_under_8_px_are_padded_not_dropped(pkl_output, size, out):
     such a side and pads it for the VAE, and still brings the others down to a multiple of 8."""
     d3sr = pkl_output[0]
     image = torch.rand(1, *size, 3, generator=torch.Generator().manual_seed(5))
-    assert pipeline.upscale(d3sr, image, 4.0, "adain").shape == (1, *out, 3)
+    assert upscale(d3sr, image, 4.0, "adain").shape == (1, *out, 3)
 
 
 @pytest.mark.parametrize("in_hw,out_hw,kind", [((13, 19), (52, 76), "bicubic"), ((7, 30), (28, 120), "bicubic"),
@@ -231,7 +232,7 @@ def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models
     w = read_weights(str(out_path))
     assert w.timestep == 999 and w.vae_lora and w.full_weights and w.text_embedding_kind == "none"
     d3sr = osediff.load_osediff(model, vae, str(out_path), clip=sd2_clip, prompt=PROMPT)
-    assert torch.equal(pipeline.upscale(d3sr, lr, 4.0, "none"), pkl_output[1])
+    assert torch.equal(upscale(d3sr, lr, 4.0, "none"), pkl_output[1])
     # Without a stored embedding the plain D3SR loader refuses, naming the fix.
     with pytest.raises(WeightFileError, match="Load OSEDiff Model"):
         load_d3sr(model, vae, str(out_path))
@@ -247,7 +248,7 @@ def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models
     assert "no prompt embedding stored" not in capsys.readouterr().out
     w = read_weights(str(out_path))
     assert w.text_embedding_kind == "prompt" and w.prompt == PROMPT
-    assert torch.equal(pipeline.upscale(load_d3sr(model, vae, str(out_path)), lr, 4.0, "none"), pkl_output[1])
+    assert torch.equal(upscale(load_d3sr(model, vae, str(out_path)), lr, 4.0, "none"), pkl_output[1])
 
     # A checkpoint without a text encoder cannot make the asked-for prompt embedding: an error, no file.
     other = tmp_path / "other.safetensors"

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from d3sr_core import pipeline, synthetic
 from d3sr_core.model import load_d3sr
+from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import WeightFileError, read_weights, write_weights
 
 TOL = 1e-4  # float32, CPU
@@ -31,7 +32,7 @@ def test_upscale_matches_plain_formula(tiny_sd2, models_dir, raw_modules, timest
 
     gen = torch.Generator().manual_seed(timestep)
     lr = torch.rand(2, 13, 19, 3, generator=gen)       # odd size, batch of 2
-    out = pipeline.upscale(d3sr, lr, 4.0, "none")
+    out = upscale(d3sr, lr, 4.0, "none")
     assert out.shape == (2, 52, 76, 3)
 
     ckpt, vae_raw = raw_modules
@@ -51,7 +52,7 @@ def test_strength_scales_the_lora(tiny_sd2, models_dir, raw_modules):
     weights = read_weights(path)
     d3sr = load_d3sr(model, vae, path, strength=0.5)
     lr = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(5))
-    out = pipeline.upscale(d3sr, lr, 2.0, "none")
+    out = upscale(d3sr, lr, 2.0, "none")
     ckpt, vae_raw = raw_modules
     unet = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, weights.lora, strength=0.5)
     ref = d3sr_reference(unet, vae_raw, lr.movedim(-1, 1), 2.0, 399, weights.text_embedding)
@@ -72,7 +73,7 @@ def test_loader_leaves_users_model_untouched(tiny_sd2, models_dir):
 def test_output_size_is_exact(tiny_sd2, models_dir, size, factor):
     model, vae = tiny_sd2
     d3sr = load_d3sr(model, vae, str(models_dir / "d3sr" / "tiny-t399.safetensors"))
-    out = pipeline.upscale(d3sr, torch.rand(1, *size, 3), factor, "adain")
+    out = upscale(d3sr, torch.rand(1, *size, 3), factor, "adain")
     assert out.shape == (1, round(size[0] * factor), round(size[1] * factor), 3)
     assert 0.0 <= out.min().item() and out.max().item() <= 1.0
 
@@ -109,7 +110,7 @@ def test_only_the_vae_multiple_is_padded(tiny_sd2, models_dir, monkeypatch):
         return real(base_model, z, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "predict_x0", spy)
-    out = pipeline.upscale(d3sr, torch.rand(1, 13, 19, 3), 4.0, "none")
+    out = upscale(d3sr, torch.rand(1, 13, 19, 3), 4.0, "none")
     assert out.shape == (1, 52, 76, 3) and seen == [(7, 10)]
     assert pipeline.pixel_multiple(d3sr.model.model) == 16       # what it used to pad to
 
@@ -128,7 +129,7 @@ def test_upsampler_metadata_selects_the_bicubic(tiny_sd2, models_dir, raw_module
     d3sr = load_d3sr(model, vae, path)
     assert d3sr.upsampler == "pillow-bicubic" and not d3sr.osediff_steps
     lr = torch.rand(1, 11, 13, 3, generator=torch.Generator().manual_seed(7))
-    out = pipeline.upscale(d3sr, lr, 4.0, "none")
+    out = upscale(d3sr, lr, 4.0, "none")
     assert out.shape == (1, 44, 52, 3)                            # D3SR keeps the exact size
     ckpt, vae_raw = raw_modules
     unet = merged_unet(ckpt, synthetic.TINY_SD2_UNET_CONFIG, weights.lora)

@@ -14,6 +14,7 @@ import torch
 from d3sr_core import pipeline, tiling
 from d3sr_core.colour_fix import apply_colour_fix
 from d3sr_core.model import load_d3sr
+from d3sr_core.upscale import upscale
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +34,36 @@ def smooth_image(h: int, w: int) -> torch.Tensor:
 
 def test_layout_keeps_the_requested_overlap_after_alignment():
     # SD2.1 tiles start on 8-latent (64 px) steps: an overlap that is not a whole step is rounded up,
-    # never down to a hard cut. Brute force over lengths (also ones that are not a multiple of the
-    # alignment: latents are padded to 8 px only), overlaps and alignments.
+    # never down to a hard cut. Every tile keeps the full tile size (the slack goes into the
+    # overlaps), except a one-tile image and the < align cut of the last tile at an unaligned end.
+    # Brute force over lengths, overlaps and alignments.
     for align in (1, 2, 8):
         for tile in (8 * align, 64):
             tile = tile // align * align
             for overlap in range(0, tile // 2 + 1):
                 for length in range(1, 40 * align + 1):
                     spans = tiling.layout(length, tile, overlap, align)
-                    assert spans[0].start == 0 and spans[-1].stop == length
+                    case = (length, tile, overlap, align, spans)
+                    assert spans[0].start == 0 and spans[-1].stop == length, case
+                    if length <= tile:
+                        assert len(spans) == 1, case
+                        continue
+                    padded = -(-length // align) * align
+                    assert all(s.size == tile for s in spans[:-1]), case
+                    assert spans[-1].size == tile - (padded - length), case
                     kept = min(overlap, tile // 2 // align * align)
                     for a, b in zip(spans, spans[1:]):
-                        assert a.stop - b.start >= kept, (length, tile, overlap, align, spans)
-                        assert b.start % align == 0 and a.size % align == 0 and a.size <= tile
-                    assert spans[-1].ramp_out == 0 and spans[-1].ramp_in < spans[-1].size
+                        assert a.start < b.start and b.start % align == 0, case
+                        assert a.stop - b.start >= kept, case
+                        assert a.ramp_out == b.ramp_in == a.start + tile - b.start, case
+                    # the fewest tiles: one fewer full tile could not cover with that overlap
+                    # (snapping the starts to `align` may cost one more)
+                    fewest = math.ceil((padded - _round_up(kept, align)) / (tile - _round_up(kept, align)))
+                    assert len(spans) <= fewest + 1, case
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 @pytest.mark.parametrize("length,tile,overlap,align", [(10, 4, 1, 1), (160, 48, 16, 8), (37, 8, 2, 1),
@@ -56,8 +73,7 @@ def test_layout_covers_with_weights_summing_to_one(length, tile, overlap, align)
     spans = tiling.layout(length, tile, overlap, align)
     assert spans[0].start == 0 and spans[-1].stop == length
     for s in spans:
-        assert s.size <= tile and s.start % align == 0
-        assert s.size % align == 0 or s is spans[-1]      # only the last tile is cut at the end
+        assert s.size == tile and s.start % align == 0 and s.size % align == 0
     for a, b in zip(spans, spans[1:]):
         assert b.start <= a.stop - min(overlap, tile // 2 // align * align)   # overlap kept
     total = tiling.weight_sum(spans, length)
@@ -82,7 +98,7 @@ def test_colour_fix_in_strips_equals_whole_image(method, eight_bit):
 
 def test_one_tile_equals_plain_upscale(d3sr):
     lr = torch.rand(2, 13, 19, 3, generator=torch.Generator().manual_seed(2))
-    plain = pipeline.upscale(d3sr, lr, 4.0, "adain")
+    plain = upscale(d3sr, lr, 4.0, "adain")
     tiled = tiling.upscale_tiled(d3sr, lr, 4.0, "adain", tile=512, overlap=64, vae_tile=512)
     assert tiled.shape == plain.shape == (2, 52, 76, 3)
     assert (tiled - plain).abs().max().item() < 1e-5
@@ -126,9 +142,7 @@ def border_ratio(image: torch.Tensor, borders: set[int], axis: int, phase: int =
 def tile_borders(d3sr, out_hw, tile, overlap, vae_tile) -> tuple[set[int], set[int]]:
     """Output rows / columns where some UNet or VAE tile starts or ends."""
     plan = tiling.tile_plan(d3sr, out_hw, tile, overlap, vae_tile)
-    ph, pw = plan["padded"]
-    grids = [tiling.TileGrid(ph // 8, pw // 8, plan["unet_tile"], plan["unet_overlap"], plan["align"]),
-             tiling.TileGrid(ph // 8, pw // 8, vae_tile // 8, tiling.VAE_OVERLAP // 8)]
+    grids = [plan.unet_grid(), plan.vae_grid()]
     rows = {8 * v for g in grids for s in g.rows for v in (s.start, s.stop) if 0 < 8 * v < out_hw[0]}
     cols = {8 * v for g in grids for s in g.cols for v in (s.start, s.stop) if 0 < 8 * v < out_hw[1]}
     return rows, cols
@@ -167,7 +181,7 @@ def test_output_size_is_exact_and_progress_counts_tiles(d3sr, progress, size, fa
     out_hw = (round(size[0] * factor), round(size[1] * factor))
     assert out.shape == (1, *out_hw, 3)
     assert 0.0 <= out.min().item() and out.max().item() <= 1.0
-    steps = tiling.tile_plan(d3sr, out_hw, tile, 8, tile)["steps"]
+    steps = tiling.tile_plan(d3sr, out_hw, tile, 8, tile).steps
     assert progress[-1] == (steps, steps) and len(progress) == steps
     assert steps == 3 if tile == 512 else steps > 3
 
@@ -208,7 +222,7 @@ def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog, cpu
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
     seen = oom_above(monkeypatch, 4 * 4, cpu)              # only 32 px tiles fit
     with caplog.at_level(logging.WARNING):
-        out = pipeline.upscale(d3sr, image, 4.0, "adain")
+        out = upscale(d3sr, image, 4.0, "adain")
     assert seen[0] == (12, 16) and (8, 8) in seen and seen[-1] == (4, 4)   # whole, 64 px, 32 px
     assert out.shape == (1, 96, 128, 3)
     assert (out - expected).abs().max().item() < 1e-6
@@ -221,7 +235,7 @@ def test_other_runtime_errors_are_not_taken_for_oom(d3sr, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr(pipeline, "predict_x0", broken)
-    for run in (lambda: pipeline.upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none"),
+    for run in (lambda: upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none"),
                 lambda: tiling.upscale_tiled(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none", tile=32)):
         with pytest.raises(RuntimeError, match="cannot be multiplied"):
             run()
@@ -229,7 +243,7 @@ def test_other_runtime_errors_are_not_taken_for_oom(d3sr, monkeypatch):
 
 def test_one_pixel_output_gets_the_reference_colour(d3sr):
     # AdaIN on 1 pixel: the unbiased deviation would be NaN; the limit is the reference's mean.
-    out = pipeline.upscale(d3sr, torch.full((1, 1, 1, 3), 0.25), 1.0, "adain")
+    out = upscale(d3sr, torch.full((1, 1, 1, 3), 0.25), 1.0, "adain")
     assert out.shape == (1, 1, 1, 3) and torch.isfinite(out).all()
     assert torch.allclose(out, torch.full_like(out, 0.25), atol=1e-4)
 
@@ -238,4 +252,4 @@ def test_oom_even_at_the_floor_is_a_clear_error(d3sr, monkeypatch):
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
     oom_above(monkeypatch, 0)
     with pytest.raises(pipeline.D3SROutOfMemoryError, match="even with 32 px tiles"):
-        pipeline.upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none")
+        upscale(d3sr, torch.rand(1, 24, 32, 3), 4.0, "none")

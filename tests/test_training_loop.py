@@ -160,8 +160,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, setup):
 def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     import comfy.sd
 
-    from d3sr_core import pipeline
     from d3sr_core.model import load_d3sr
+    from d3sr_core.upscale import upscale
     from d3sr_core.weight_format import read_weights, write_weights
 
     cfg = load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2}))
@@ -180,7 +180,7 @@ def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     # A fresh copy of the checkpoint: the trainer's own modules carry its LoRA hooks.
     model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(setup["generator"])
     d3sr = load_d3sr(model, vae, path)
-    theirs = pipeline.upscale(d3sr, lr.movedim(1, -1), 4.0, "none").movedim(-1, 1)
+    theirs = upscale(d3sr, lr.movedim(1, -1), 4.0, "none").movedim(-1, 1)
     assert theirs.shape == ours.shape == (1, 3, 36, 44)
     assert (theirs - ours).abs().max().item() < 1e-4
     # ...and the trained LoRA matters: the base model alone gives something else.
