@@ -8,6 +8,10 @@ extension in it: a_png.png, a_jpg.png), written atomically; existing files are k
 --overwrite, and an output that would replace an input (the input folder itself, or a path
 that resolves to an input) is refused. Images that cannot be read are skipped and listed at the
 end (exit status 1); bad options stop before any model loads (exit status 2).
+
+Across GPUs and machines: `torchrun --nproc_per_node N [--nnodes M ...] -m d3sr_core ...` gives
+input i (of the sorted list, names decided on the whole list) to rank i % world, each rank on
+cuda:LOCAL_RANK (or the CPU); rank 0 shows the global progress and the summary.
 Set COMFYUI_PATH to use your own ComfyUI (default: the pinned host in .host/).
 """
 
@@ -20,6 +24,7 @@ import sys
 from collections.abc import Callable
 
 from .checks import check_factor, check_strength
+from .distributed_run import Ranks, pick_device
 from .image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file
 
 EXIT_SOME_FAILED, EXIT_USAGE = 1, 2
@@ -56,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA strength (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--verbose", action="store_true", help="print each file as it is written")
     return p.parse_args(argv)
 
 
@@ -129,60 +135,145 @@ def _error(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every (input, output) pair of the whole job, before sharding, so names are the same
+    whatever the number of ranks. UsageError for options or files that cannot work."""
+    inputs = list_inputs(args.input)
+    plan = plan_outputs(inputs, args.output)
+    for f in (args.checkpoint, args.weights):
+        if not os.path.isfile(f):
+            raise UsageError(f"file not found: {f}")
+    _check_writable(args.output)
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)   # --factor and --strength are checked here (exit 2), before anything loads
     try:
-        inputs = list_inputs(args.input)
-        plan = plan_outputs(inputs, args.output)
-        for f in (args.checkpoint, args.weights):
-            if not os.path.isfile(f):
-                raise UsageError(f"file not found: {f}")
-        _check_writable(args.output)
-    except UsageError as e:
+        ranks = Ranks.from_env()
+    except ValueError as e:
         return _error(str(e))
-    todo = [(src, dst) for src, dst in plan if args.overwrite or not os.path.exists(dst)]
-    kept = len(plan) - len(todo)
-    written, failed = 0, []
+    ranks.start()
+    try:
+        code = _run(args, ranks)
+        # A barrier: rank 0 has printed everything before any rank exits (torchrun stops the
+        # others when one exits non-zero), and only rank 0 carries the job's status.
+        ranks.all_sum([0])
+        return code if ranks.is_main else 0
+    finally:
+        ranks.close()
+
+
+def _run(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Upscale this rank's share (input i goes to rank i % world); counts and failures are
+    summed over the ranks and reported by rank 0."""
+    plan, problem = [], None
+    try:
+        plan = _plan(args)
+    except UsageError as e:
+        problem = str(e)
+    views = ranks.gather((problem, [dst for _src, dst in plan]))
+    problems = list(dict.fromkeys(p for p, _ in views if p))   # the same message once
+    if not problems and any(outputs != views[0][1] for _, outputs in views):
+        problems = ["the ranks see different input files (" + ", ".join(
+            f"rank {r}: {len(outputs)}" for r, (_, outputs) in enumerate(views)) + "); make the "
+            "input folder the same for every rank and do not change it while the job starts"]
+    if problems:
+        if ranks.is_main:
+            for p in problems:
+                _error(p)
+            sys.stderr.flush()
+        return EXIT_USAGE
+    indexed = ranks.shard(list(enumerate(plan)))
+    todo = [(i, src, dst) for i, (src, dst) in indexed if args.overwrite or not os.path.exists(dst)]
+    kept = ranks.all_sum([len(indexed) - len(todo)])[0]
+    lengths = ranks.gather(len(todo))
+    written, failed, fatal = 0, [], None   # failed: (input index, message)
     if todo:
-        from . import host
-        host.import_comfy(cpu=True if args.cpu else None)
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-
-        import comfy.sd
+        d3sr, fatal = _load(args, ranks)
+    if ranks.all_sum([fatal is not None])[0] == 0:
         from tqdm import tqdm
+        bar = tqdm(total=sum(lengths), desc="D3SR", unit="image",
+                   disable=not ranks.is_main or sum(lengths) <= 1)
+        for step in range(max(lengths)):   # every rank takes part in every step's count
+            if step < len(todo):
+                index, src, dst = todo[step]
+                try:
+                    fatal = _upscale_one(d3sr, args, src, dst)
+                    if fatal is None:
+                        written += 1
+                        if args.verbose:
+                            print(f"{ranks.prefix()}wrote {dst}", flush=True)
+                except ImageReadError as e:
+                    failed.append((index, str(e)))
+            done_w, done_f, stop = ranks.all_sum([written, len(failed), fatal is not None])
+            bar.update(done_w + done_f - bar.n)
+            if stop:
+                break
+        bar.close()
+    return _summary(args, ranks, kept, written, failed, fatal)
 
-        from .image_io import load_image, save_png_atomic
-        from .model import load_d3sr
-        from .pipeline import NonFiniteOutputError
-        from .upscale import upscale
 
-        try:
-            model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_clip=False)
-            d3sr = load_d3sr(model, vae, args.weights, args.strength)
-        except (ValueError, RuntimeError, OSError) as e:   # the loaders' one-line messages
-            return _error(str(e))
-        for path, target in tqdm(todo, desc="D3SR", unit="image", disable=len(todo) == 1):
-            try:
-                image = load_image(path)
-            except ImageReadError as e:
-                failed.append(str(e))
-                continue
-            try:
-                save_png_atomic(upscale(d3sr, image, args.factor, args.colour_fix), target)
-            except NonFiniteOutputError as e:
-                return _error(f"{path}: {e}")
-            except OSError as e:
-                return _error(f"cannot write {target}: {e.strerror or e}")
-            written += 1
-    print(f"wrote {written} image(s) to {os.path.abspath(args.output)}"
-          + (f"; kept {kept} existing (use --overwrite)" if kept else "")
-          + (f"; skipped {len(failed)} unreadable" if failed else ""))
-    if failed:
-        print(f"error: {len(failed)} image(s) could not be read and were skipped:", file=sys.stderr)
-        for reason in failed:
-            print(f"  {reason}", file=sys.stderr)
-        return EXIT_SOME_FAILED
-    return 0
+def _load(args: argparse.Namespace, ranks: Ranks) -> tuple[object, str | None]:
+    """The D3SR model on this rank's device, or (None, the one-line reason it cannot load)."""
+    try:
+        cpu = pick_device(ranks, args.cpu)
+    except ValueError as e:
+        return None, str(e)
+    from . import host
+    host.import_comfy(cpu=cpu)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+    import comfy.sd
+
+    from .model import load_d3sr
+    try:
+        model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_clip=False)
+        return load_d3sr(model, vae, args.weights, args.strength), None
+    except (ValueError, RuntimeError, OSError) as e:   # the loaders' one-line messages
+        return None, str(e)
+
+
+def _upscale_one(d3sr: object, args: argparse.Namespace, src: str, dst: str) -> str | None:
+    """Upscale `src` into `dst`; None when written, else the reason that stops the job (a model
+    that gives NaN, a disk that cannot be written). ImageReadError for an unreadable input."""
+    from .image_io import load_image, save_png_atomic
+    from .pipeline import NonFiniteOutputError
+    from .upscale import upscale
+
+    image = load_image(src)
+    try:
+        save_png_atomic(upscale(d3sr, image, args.factor, args.colour_fix), dst)
+    except NonFiniteOutputError as e:
+        return f"{src}: {e}"
+    except OSError as e:
+        return f"cannot write {dst}: {e.strerror or e}"
+    return None
+
+
+def _summary(args: argparse.Namespace, ranks: Ranks, kept: int, written: int,
+             failed: list[tuple[int, str]], fatal: str | None) -> int:
+    """Rank 0 prints the job's totals, every unreadable input and every stopping error, and
+    returns the job's exit status."""
+    results = ranks.gather((written, failed, fatal))
+    all_failed = sorted(f for _, fs, _ in results for f in fs)
+    stops = [(r, why) for r, (_, _, why) in enumerate(results) if why]
+    if ranks.is_main:
+        total = sum(w for w, _, _ in results)
+        per_rank = f" (per rank: {', '.join(str(w) for w, _, _ in results)})" if ranks.world > 1 else ""
+        print(f"wrote {total} image(s) to {os.path.abspath(args.output)}{per_rank}"
+              + (f"; kept {kept} existing (use --overwrite)" if kept else "")
+              + (f"; skipped {len(all_failed)} unreadable" if all_failed else ""), flush=True)
+        for r, why in stops:
+            _error(f"{'rank ' + str(r) + ': ' if ranks.world > 1 else ''}{why}")
+        if all_failed:
+            print(f"error: {len(all_failed)} image(s) could not be read and were skipped:", file=sys.stderr)
+            for _, reason in all_failed:
+                print(f"  {reason}", file=sys.stderr)
+        sys.stderr.flush()
+    if stops:
+        return EXIT_USAGE
+    return EXIT_SOME_FAILED if all_failed else 0
 
 
 if __name__ == "__main__":
