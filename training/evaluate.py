@@ -2,14 +2,17 @@
 
     python -m training.evaluate --outputs DIR --gt DIR [--csv F] [--json F]
                                 [--crop-border N] [--device cpu|cuda] [--no-niqe]
+                                [--no-reference musiq,maniqa,clipiqa] [--iqa-weights NAME=FILE,...]
 
 Pairs files by name stem (``a.png`` in --outputs with ``a.png`` or ``a.jpg`` in --gt); images
 are read by :mod:`d3sr_core.image_io` (8-bit / 255, 16-bit / 65535, EXIF orientation applied).
 Per image and on average: PSNR and SSIM on the Y channel (pyiqa's conventions, see
 :mod:`training.pixel_metrics`), LPIPS (AlexNet, v0.1), DISTS and NIQE (of the output;
 skipped with a message when its parameters cannot be obtained). ``--crop-border`` trims
-PSNR, SSIM and NIQE inputs only, as pyiqa does. MUSIQ, MANIQA and CLIPIQA need weights
-that no registry package ships, so they are reported as not computed, never estimated.
+PSNR, SSIM and NIQE inputs only, as pyiqa does. MUSIQ, MANIQA and CLIPIQA (of the output,
+uncropped) are computed through pyiqa when asked with ``--no-reference`` and pyiqa and their
+weights are present (:mod:`training.iqa_noref`, never a download); otherwise they are reported
+as not computed with the reason, never estimated.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from d3sr_core.atomic_file import write_text_atomic
 from d3sr_core.image_io import IMAGE_EXTENSIONS, image_size, is_image_file, load_image_bchw
 
-from . import pretrained
+from . import iqa_noref, pretrained
 from .dists import DISTS
 from .lpips_alex import LPIPSAlex
 from .niqe import BLOCK as NIQE_BLOCK
@@ -43,11 +46,9 @@ __all__ = ["IMAGE_EXTENSIONS", "EvaluationResult", "evaluate_folders", "load_ima
 load_image = load_image_bchw   # path -> (1, 3, H, W) float32 RGB (d3sr_core.image_io's ranges)
 # AlexNet's two stride-2 max pools after its stride-4 first layer leave nothing below 31 px.
 LPIPS_MIN_SIZE = 31
-NOT_COMPUTED = {
-    "MUSIQ": "its weights ship in no registry package (needs a hub download)",
-    "MANIQA": "its weights ship in no registry package (needs a hub download)",
-    "CLIPIQA": "its weights ship in no registry package (needs a hub download)",
-}
+NOT_REQUESTED = "not requested; add --no-reference musiq,maniqa,clipiqa (needs pyiqa and the weights)"
+# What the table and JSON say for the pyiqa metrics when --no-reference does not ask for them.
+NOT_COMPUTED = {name.upper(): NOT_REQUESTED for name in iqa_noref.NOREF_METRICS}
 
 
 @dataclass
@@ -135,8 +136,12 @@ def evaluate_folders(
     with_niqe: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    no_reference: Sequence[str] = (),
+    iqa_weights: Mapping[str, Path] | None = None,
 ) -> EvaluationResult:
     """Compute every available metric for each (output, GT) pair; see the module doc.
+    ``no_reference``: names from :data:`training.iqa_noref.NOREF_METRICS` to compute through
+    pyiqa, with weight files from ``iqa_weights`` (name -> path) or pyiqa's cache.
     Raises ValueError (one line) for pairs that cannot be evaluated, before computing any."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -154,6 +159,21 @@ def evaluate_folders(
         not_computed["NIQE"] = "disabled with --no-niqe"
     check_sizes(pairs, crop, niqe is not None)
     dev = torch.device(device)
+    unused = sorted(set(iqa_weights or {}) - set(no_reference))
+    if unused:
+        raise ValueError(f"--iqa-weights names {', '.join(unused)}, which --no-reference does not ask for; "
+                         "add it there or drop the weights")
+    noref = {}
+    for name in iqa_noref.NOREF_METRICS:
+        if name not in no_reference:
+            continue
+        scorer, reason = iqa_noref.build_metric(name, (iqa_weights or {}).get(name), dev)
+        if scorer is None:
+            not_computed[name.upper()] = reason
+        else:
+            del not_computed[name.upper()]
+            noref[name] = scorer
+            metrics.append(name)
     lpips = LPIPSAlex().to(dev).eval()
     dists = DISTS().to(dev).eval()
     result = EvaluationResult(metrics=metrics, not_computed=not_computed)
@@ -172,6 +192,8 @@ def evaluate_folders(
             }
             if niqe is not None:
                 row["niqe"] = float(niqe(out_c.cpu()))
+            for name, scorer in noref.items():
+                row[name] = scorer(out)
         result.rows.append(row)
     return result
 
@@ -230,14 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-niqe", action="store_true", help="skip NIQE (the slowest metric)")
     parser.add_argument("--limit", type=int, help="only the first N pairs (by name)")
+    parser.add_argument("--no-reference", default="", metavar="LIST",
+                        help="also compute these through pyiqa: musiq,maniqa,clipiqa (never downloads)")
+    parser.add_argument("--iqa-weights", default="", metavar="NAME=FILE,...",
+                        help="weight files for --no-reference metrics (default: pyiqa's cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, print only the mean")
     args = parser.parse_args(argv)
     try:
         for option, path in (("--csv", args.csv), ("--json", args.json)):
             if path and os.path.isdir(path):
                 raise ValueError(f"{option} {path} is a folder; give a file name")
+        no_reference = iqa_noref.parse_names(args.no_reference)
+        iqa_weights = iqa_noref.parse_weights(args.iqa_weights)
         result = evaluate_folders(
-            args.outputs, args.gt, args.crop_border, args.device, not args.no_niqe, args.limit, not args.quiet
+            args.outputs, args.gt, args.crop_border, args.device, not args.no_niqe, args.limit, not args.quiet,
+            no_reference, iqa_weights,
         )
     except (FileNotFoundError, ValueError, pretrained.WeightsUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
