@@ -24,12 +24,13 @@ class ComfyServer:
     """ComfyUI's main.py on 127.0.0.1 with the pack linked into a custom_nodes folder of its own."""
 
     def __init__(self, comfy_root: str, pack_root: Path, models_dir: Path, work: Path,
-                 pack_name: str = "comfyui-d3sr", frontend: bool = False) -> None:
+                 pack_name: str = "comfyui-d3sr", frontend: bool = False, port: int | None = None) -> None:
         """frontend: serve the web page from the installed comfyui-frontend-package (for a
-        browser); otherwise only the HTTP API answers (an empty --front-end-root)."""
+        browser); otherwise only the HTTP API answers (an empty --front-end-root).
+        port: on 127.0.0.1; a free one when None."""
         self.comfy_root, self.work, self.frontend = comfy_root, work, frontend
         self.pack_name = pack_name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.input_dir, self.output_dir = work / "input", work / "output"
         custom = work / "custom_nodes"

@@ -96,7 +96,7 @@ def save_image_node(id_: int, src: int, prefix: str, pos: tuple) -> Node:
 
 
 def note_node(id_: int, text: str, pos: tuple) -> Node:
-    return Node(id_, "MarkdownNote", {"text": text}, pos=pos, size=(640, 150))
+    return Node(id_, "MarkdownNote", {"text": text}, pos=pos, size=(640, 120))
 
 
 # The three-line recipes: which files, which folder, where from.
