@@ -4,17 +4,17 @@ from comfy_api.latest import io
 
 from ..d3sr_core.model import load_d3sr
 from .types import CATEGORY, D3SRModelType, search_options
-from .weights import D3SR_EXTENSIONS, check_weights, fingerprint, list_weights, missing_d3sr_message, weights_path
-
-NODE = "Load D3SR Model"
+from .weights import D3SR_EXTENSIONS, WeightFileLoader, list_weights, missing_d3sr_message
 
 
-class D3SRModelLoader(io.ComfyNode):
+class D3SRModelLoader(WeightFileLoader):
+    TITLE, EXTENSIONS, MISSING = "Load D3SR Model", D3SR_EXTENSIONS, staticmethod(missing_d3sr_message)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="D3SRModelLoader",
-            display_name=NODE,
+            display_name=cls.TITLE,
             category=CATEGORY,
             **search_options(("load d3sr",)),
             description="Applies a D3SR one-step super-resolution weight file (UNet LoRA, fixed "
@@ -34,14 +34,6 @@ class D3SRModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, weights: str | None = None) -> bool | str:
-        return check_weights(weights, D3SR_EXTENSIONS, NODE, missing_d3sr_message) or True
-
-    @classmethod
-    def fingerprint_inputs(cls, weights: str | None = None, **_) -> tuple | None:
-        return fingerprint(weights)
-
-    @classmethod
     def execute(cls, model, vae, weights: str, strength: float) -> io.NodeOutput:
-        path = weights_path(weights, D3SR_EXTENSIONS, NODE, missing_d3sr_message)
+        path = cls.weights_path(weights)
         return io.NodeOutput(load_d3sr(model, vae, path, strength))

@@ -4,24 +4,17 @@ from comfy_api.latest import io
 
 from ..d3sr_core.osediff import load_osediff
 from .types import CATEGORY, D3SRModelType, search_options
-from .weights import (
-    OSEDIFF_EXTENSIONS,
-    check_weights,
-    fingerprint,
-    list_weights,
-    missing_osediff_message,
-    weights_path,
-)
-
-NODE = "Load OSEDiff Model"
+from .weights import OSEDIFF_EXTENSIONS, WeightFileLoader, list_weights, missing_osediff_message
 
 
-class D3SROSEDiffLoader(io.ComfyNode):
+class D3SROSEDiffLoader(WeightFileLoader):
+    TITLE, EXTENSIONS, MISSING = "Load OSEDiff Model", OSEDIFF_EXTENSIONS, staticmethod(missing_osediff_message)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="D3SROSEDiffLoader",
-            display_name=NODE,
+            display_name=cls.TITLE,
             category=CATEGORY,
             **search_options(("osediff",)),
             description="Applies OSEDiff's released one-step SR weights (osediff.pkl from "
@@ -52,16 +45,8 @@ class D3SROSEDiffLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, weights: str | None = None) -> bool | str:
-        return check_weights(weights, OSEDIFF_EXTENSIONS, NODE, missing_osediff_message) or True
-
-    @classmethod
-    def fingerprint_inputs(cls, weights: str | None = None, **_) -> tuple | None:
-        return fingerprint(weights)
-
-    @classmethod
     def execute(cls, model, vae, weights: str, strength: float, clip=None,
                 prompt: str = "") -> io.NodeOutput:
-        path = weights_path(weights, OSEDIFF_EXTENSIONS, NODE, missing_osediff_message)
+        path = cls.weights_path(weights)
         return io.NodeOutput(load_osediff(model, vae, path, clip=clip, prompt=prompt or "",
                                           strength=strength))

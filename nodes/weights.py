@@ -5,8 +5,10 @@ does (so ComfyUI runs the loader again after the trainer rewrites it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import folder_paths
+from comfy_api.latest import io
 
 FOLDER = "d3sr"
 SAFETENSORS = (".safetensors", ".sft")
@@ -86,3 +88,26 @@ def fingerprint(name: str | None) -> tuple | None:
     except OSError:
         return None
     return (path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class WeightFileLoader(io.ComfyNode):
+    """Base of the two loaders: the `weights` widget is checked before the run (validate_inputs:
+    the run stops with the one-line message, nothing loaded), and its fingerprint makes
+    ComfyUI run the loader again when the file changes. Subclasses set TITLE, EXTENSIONS and
+    MISSING (the "not found" message) and define the schema and execute."""
+
+    TITLE: str = ""
+    EXTENSIONS: tuple[str, ...] = SAFETENSORS
+    MISSING: Callable[[str], str] = staticmethod(missing_d3sr_message)
+
+    @classmethod
+    def validate_inputs(cls, weights: str | None = None) -> bool | str:
+        return check_weights(weights, cls.EXTENSIONS, cls.TITLE, cls.MISSING) or True
+
+    @classmethod
+    def fingerprint_inputs(cls, weights: str | None = None, **_) -> tuple | None:
+        return fingerprint(weights)
+
+    @classmethod
+    def weights_path(cls, weights: str) -> str:
+        return weights_path(weights, cls.EXTENSIONS, cls.TITLE, cls.MISSING)

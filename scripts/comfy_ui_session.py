@@ -33,7 +33,11 @@ HOOKS = r"""
 (() => {
   if (window.__d3sr) return true;
   const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
-  const rec = {missingNodes: [], missingModels: [], queued: [], pinia};
+  const rec = {missingNodes: [], missingModels: [], queued: [], loads: 0, pinia};
+  const origLoad = app.loadGraphData;
+  app.loadGraphData = async function () {  // counts finished loads (dialogs shown, graph set up)
+    try { return await origLoad.apply(this, arguments); } finally { rec.loads++; }
+  };
   const origNodes = app.showMissingNodesError, origModels = app.showMissingModelsError;
   app.showMissingNodesError = function (types) {
     rec.missingNodes.push(...types.map(t => typeof t === 'string' ? t : t.type));
@@ -80,12 +84,6 @@ class ComfyPage:
         self.js(HOOKS)
 
     # ---- dialogs -------------------------------------------------------------------------
-    def dialog_keys(self) -> list[str]:
-        return self.js("__d3sr.dialogKeys()")
-
-    def dialog_texts(self) -> list[str]:
-        return self.js("[...document.querySelectorAll('.p-dialog')].map(d => d.innerText)")
-
     def close_dialogs(self) -> None:
         self.js("(() => { const d = __d3sr.store('dialog');"
                 " for (const k of d.dialogStack.map(x => x.key).reverse()) d.closeDialog({key: k}); return 1 })()")
@@ -113,16 +111,16 @@ class ComfyPage:
         showed: {missingNodes, missingModels, dialogs (keys), nodes, workflow}."""
         self.open_templates()
         self.js("__d3sr.missingNodes.length = 0; __d3sr.missingModels.length = 0;"
+                "__d3sr.loadsBefore = __d3sr.loads;"
                 "__d3sr.loadedBefore = app.extensionManager.workflow.activeWorkflow?.path ?? ''; 1")
         card = json.dumps(f'[data-testid="template-workflow-{name}"]')
         self.js(f"document.querySelector({card}).click(); 1")
         self.browser.wait_for(
             f"(() => {{ const w = app.extensionManager.workflow.activeWorkflow;"
             f" return !!w && w.path !== __d3sr.loadedBefore && w.filename.startsWith({json.dumps(name)})"
-            f" && app.graph.nodes.length > 0"
+            f" && __d3sr.loads > __d3sr.loadsBefore && app.graph.nodes.length > 0"
             f" && !document.querySelector('[data-testid^=\"template-workflow-\"]') }})()",
             timeout, what=f"template '{name}' to load")
-        time.sleep(0.5)  # the missing-model check finishes after the graph is configured
         self.browser.wait_for("document.fonts.status === 'loaded'", 10)
         return self.js("""({missingNodes: [...__d3sr.missingNodes], missingModels: [...__d3sr.missingModels],
             dialogs: __d3sr.dialogKeys(),

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def main() -> int:
         if args.browser:
             print(f"[demo] open {server.url} in a browser (Workflow > Browse Templates shows the pack's "
                   "templates); Ctrl-C stops the server")
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too
             try:
                 while server.proc.poll() is None:
                     time.sleep(1)
