@@ -1,13 +1,21 @@
 """D3SR for ComfyUI: one-step diffusion super-resolution (arXiv 2410.04224).
 
-ComfyUI entry point (V3): registers the `d3sr` model folder and the D3SR nodes.
+ComfyUI entry point (V3): registers the `d3sr` model folder and the D3SR nodes, and puts the
+templates' example image into ComfyUI's input folder (once; a file of that name is never
+replaced).
 """
 
+import logging
 import os
+import shutil
+import tempfile
 
 import folder_paths
 
 from .nodes import D3SRExtension
+
+EXAMPLE_IMAGE = "d3sr_example_lr.png"   # what the templates' Load Image node opens
+_PACK = os.path.dirname(os.path.abspath(__file__))
 
 
 def _register_model_folder() -> None:
@@ -23,7 +31,35 @@ def _register_model_folder() -> None:
         pass
 
 
+def _install_example_image() -> None:
+    """Copy workflows/d3sr_example_lr.png into the input folder unless a file of that name is
+    there, so the templates run as shipped. Written to a temporary file and hard-linked into
+    place, which never replaces a file and never leaves a partial one. A read-only input folder
+    only costs a log line."""
+    folder = folder_paths.get_input_directory()
+    dest = os.path.join(folder, EXAMPLE_IMAGE)
+    if os.path.exists(dest):
+        return
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".d3sr-example-", suffix=".png", dir=folder)
+        with os.fdopen(fd, "wb") as out, open(os.path.join(_PACK, "workflows", EXAMPLE_IMAGE), "rb") as src:
+            shutil.copyfileobj(src, out)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.link(tmp, dest)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        logging.warning("D3SR: could not copy the templates' example image to %s (%s); pick "
+                        "another image in the templates' Load Image node.", dest, e)
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 _register_model_folder()
+_install_example_image()
 
 
 async def comfy_entrypoint() -> D3SRExtension:

@@ -1,27 +1,32 @@
 """D3SRModelLoader: MODEL + VAE + a D3SR weight file -> D3SR_MODEL."""
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..d3sr_core.model import load_d3sr
-from .types import CATEGORY, D3SRModelType
+from .types import CATEGORY, D3SRModelType, search_options
+from .weights import D3SR_EXTENSIONS, WeightFileLoader, list_weights, missing_d3sr_message
 
 
-class D3SRModelLoader(io.ComfyNode):
+class D3SRModelLoader(WeightFileLoader):
+    TITLE, EXTENSIONS, MISSING = "Load D3SR Model", D3SR_EXTENSIONS, staticmethod(missing_d3sr_message)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="D3SRModelLoader",
-            display_name="Load D3SR Model",
+            display_name=cls.TITLE,
             category=CATEGORY,
+            **search_options(("load d3sr",)),
             description="Applies a D3SR one-step super-resolution weight file (UNet LoRA, fixed "
                         "text embedding and timestep) to Stable Diffusion 2.1-base.",
             inputs=[
                 io.Model.Input("model", tooltip="MODEL of Stable Diffusion 2.1-base (512, epsilon) "
                                "from the stock Load Checkpoint node."),
                 io.Vae.Input("vae", tooltip="VAE of the same SD2.1-base checkpoint."),
-                io.Combo.Input("weights", options=folder_paths.get_filename_list("d3sr"),
-                               tooltip="D3SR weight file from ComfyUI/models/d3sr/."),
+                io.Combo.Input("weights", options=list_weights(D3SR_EXTENSIONS),
+                               tooltip="D3SR weight file (.safetensors) from ComfyUI/models/d3sr/. No "
+                                       "official D3SR weights exist yet: train them (docs/training.md), "
+                                       "or use Load OSEDiff Model with OSEDiff's released weights."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="LoRA strength; 1.0 is what the weights were trained for."),
             ],
@@ -30,5 +35,5 @@ class D3SRModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, weights: str, strength: float) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("d3sr", weights)
+        path = cls.weights_path(weights)
         return io.NodeOutput(load_d3sr(model, vae, path, strength))

@@ -1,19 +1,22 @@
 """D3SROSEDiffLoader: MODEL + VAE + OSEDiff weights (+ optional CLIP and prompt) -> D3SR_MODEL."""
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..d3sr_core.osediff import load_osediff
-from .types import CATEGORY, D3SRModelType
+from .types import CATEGORY, D3SRModelType, search_options
+from .weights import OSEDIFF_EXTENSIONS, WeightFileLoader, list_weights, missing_osediff_message
 
 
-class D3SROSEDiffLoader(io.ComfyNode):
+class D3SROSEDiffLoader(WeightFileLoader):
+    TITLE, EXTENSIONS, MISSING = "Load OSEDiff Model", OSEDIFF_EXTENSIONS, staticmethod(missing_osediff_message)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="D3SROSEDiffLoader",
-            display_name="Load OSEDiff Model",
+            display_name=cls.TITLE,
             category=CATEGORY,
+            **search_options(("osediff",)),
             description="Applies OSEDiff's released one-step SR weights (osediff.pkl from "
                         "github.com/cswry/OSEDiff, or a file converted from it) to Stable Diffusion "
                         "2.1-base: UNet LoRA and conv_in, VAE-encoder LoRA (on a copy of the VAE), "
@@ -24,7 +27,7 @@ class D3SROSEDiffLoader(io.ComfyNode):
                                "from the stock Load Checkpoint node."),
                 io.Vae.Input("vae", tooltip="VAE of the same checkpoint. It is not changed: the "
                              "OSEDiff encoder LoRA goes on a copy."),
-                io.Combo.Input("weights", options=folder_paths.get_filename_list("d3sr"),
+                io.Combo.Input("weights", options=list_weights(OSEDIFF_EXTENSIONS),
                                tooltip="osediff.pkl (or its converted .safetensors) from "
                                        "ComfyUI/models/d3sr/."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
@@ -47,6 +50,6 @@ class D3SROSEDiffLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, weights: str, strength: float, clip=None,
                 prompt: str = "") -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("d3sr", weights)
+        path = cls.weights_path(weights)
         return io.NodeOutput(load_osediff(model, vae, path, clip=clip, prompt=prompt or "",
                                           strength=strength))

@@ -24,13 +24,18 @@ class ComfyServer:
     """ComfyUI's main.py on 127.0.0.1 with the pack linked into a custom_nodes folder of its own."""
 
     def __init__(self, comfy_root: str, pack_root: Path, models_dir: Path, work: Path,
-                 pack_name: str = "comfyui-d3sr") -> None:
-        self.comfy_root, self.work = comfy_root, work
-        self.port = free_port()
+                 pack_name: str = "comfyui-d3sr", frontend: bool = False, port: int | None = None) -> None:
+        """frontend: serve the web page from the installed comfyui-frontend-package (for a
+        browser); otherwise only the HTTP API answers (an empty --front-end-root).
+        port: on 127.0.0.1; a free one when None."""
+        self.comfy_root, self.work, self.frontend = comfy_root, work, frontend
+        self.pack_name = pack_name
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.input_dir, self.output_dir = work / "input", work / "output"
         custom = work / "custom_nodes"
-        for d in (self.input_dir, self.output_dir, custom, work / "frontend"):
+        self.user_dir = work / "user"
+        for d in (self.input_dir, self.output_dir, custom, work / "frontend", self.user_dir):
             d.mkdir(parents=True, exist_ok=True)
         (custom / pack_name).symlink_to(pack_root, target_is_directory=True)
         self.config = work / "extra_model_paths.yaml"
@@ -46,10 +51,12 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> None:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-api-nodes", "--front-end-root", str(self.work / "frontend"),
-               "--extra-model-paths-config", str(self.config),
+               "--disable-api-nodes", "--extra-model-paths-config", str(self.config),
+               "--user-directory", str(self.user_dir),
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        if not self.frontend:
+            cmd += ["--front-end-root", str(self.work / "frontend")]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=self._log,

