@@ -48,6 +48,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
+from machine import mem_available_gb, peak_rss_gb, reset_peak_rss, rss_gb  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REQUIREMENTS = "benchmarks/requirements-peers.txt"
@@ -145,8 +146,8 @@ def prepare_files(work: str, config_name: str, lr_size: int) -> dict:
         save_file(out, os.path.join(ddir, label, "diffusion_pytorch_model.safetensors"))
         converted[label] = len(out)
     # LoRA by diffusers module name (ldm module -> diffusers module through the same map).
-    module_map = {l[: -len(".weight")]: d[: -len(".weight")]
-                  for d, l in unet_name_map(config).items() if l.endswith(".weight")}
+    module_map = {ldm[: -len(".weight")]: d[: -len(".weight")]
+                  for d, ldm in unet_name_map(config).items() if ldm.endswith(".weight")}
     lora = {}
     for name, (a, b, _alpha) in weights.lora.items():
         module = module_map[name[len("diffusion_model."):]]
@@ -157,31 +158,14 @@ def prepare_files(work: str, config_name: str, lr_size: int) -> dict:
     save_file({"lr": lr}, os.path.join(work, "lr.safetensors"))
     return {"unet_params": sum(v.numel() for v in unet_sd.values()),
             "vae_params": sum(v.numel() for v in vae_sd.values()),
-            "lora_layers": len(weights.lora), "lora_params": sum(a.numel() + b.numel() for a, b, _ in weights.lora.values()),
+            "lora_layers": len(weights.lora),
+            "lora_params": sum(a.numel() + b.numel() for a, b, _ in weights.lora.values()),
             "diffusers_tensors": converted, "seconds": round(time.time() - t0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Workers (one per path, in their own process)
 # ---------------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(2048, 4096), runs: int = 5) -> dict:
     """Dense square torch.mm throughput (FLOP/s, 2 n^3 per product): the median of `runs` per
@@ -352,8 +336,8 @@ def worker(path: str, work: str, device_name: str, dtype_name: str) -> None:
     runner = (PathA if path == "A" else PathB)(work, device, dtype)
     from safetensors.torch import load_file, save_file
     lr = load_file(os.path.join(work, "lr.safetensors"))["lr"]
-    reply({"ready": True, "load_s": time.perf_counter() - t0, "rss_gb": _status_kb("VmRSS") / 2 ** 20,
-           "load_peak_gb": _status_kb("VmHWM") / 2 ** 20, "threads": torch.get_num_threads()})
+    reply({"ready": True, "load_s": time.perf_counter() - t0, "rss_gb": rss_gb(), "load_peak_gb": peak_rss_gb(),
+           "threads": torch.get_num_threads()})
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
@@ -366,15 +350,15 @@ def worker(path: str, work: str, device_name: str, dtype_name: str) -> None:
         elif op == "reset_peak":
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            reply({"reset": _reset_peak_rss()})
+            reply({"reset": reset_peak_rss()})
         elif op == "run":
             _sync(device)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             runner.upscale(lr)
             _sync(device)
-            reply({"total": time.perf_counter() - t, "parts": dict(runner.times)})
+            reply({"total": time.perf_counter() - t, "cpu": time.process_time() - cpu, "parts": dict(runner.times)})
         elif op == "memory":
-            info = {"rss_gb": _status_kb("VmRSS") / 2 ** 20, "steady_peak_gb": _status_kb("VmHWM") / 2 ** 20,
+            info = {"rss_gb": rss_gb(), "steady_peak_gb": peak_rss_gb(),
                     "process_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             if device.type == "cuda":
                 info["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
@@ -437,12 +421,14 @@ class Worker:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def mem_available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
+def wait_for_memory(need_gb: float, wait_min: float) -> None:
+    """Block until the machine has `need_gb` available (shared machine), at most `wait_min` minutes."""
+    deadline = time.time() + 60 * wait_min
+    while mem_available_gb() < need_gb:
+        if time.time() > deadline:
+            raise SystemExit(f"bench_peers.py: only {mem_available_gb():.1f} GB available after waiting "
+                             f"{wait_min:g} min, {need_gb:g} GB needed for the next worker; try later")
+        time.sleep(20)
 
 
 def compare(work: str) -> dict:
@@ -460,37 +446,83 @@ def compare(work: str) -> dict:
 
 
 def run(args: argparse.Namespace, device: str, dtype: str, work: str) -> dict:
-    """Check, time (interleaved), measure memory, count FLOPs and the matmul peak for one dtype."""
+    """Check, time (interleaved), measure memory, count FLOPs and the matmul peak for one dtype.
+
+    Both workers live side by side when the machine has the memory for both (runs alternate
+    A B, B A, ...); otherwise one at a time in `args.blocks` blocks per path (A, B, B, A, ...), each
+    a fresh process with a warm-up upscale before its timed runs."""
+    together = mem_available_gb() >= args.need_gb["A"] + args.need_gb["B"] + 1 and not args.one_at_a_time
+    times: dict[str, list[dict]] = {"A": [], "B": []}
+    memory: dict[str, dict] = {}
+    flops: dict[str, dict] = {}
+    ready: dict[str, dict] = {}
+    profiles: dict[str, str] = {}
+    peaks: list[dict] = []
+    peak_sizes = [256, 512] if args.smoke else [2048, 4096]
+
+    def start(path: str) -> Worker:
+        wait_for_memory(args.need_gb[path], args.wait_min)
+        print(f"[{dtype}] starting worker {path} (MemAvailable {mem_available_gb():.1f} GB)", flush=True)
+        w = Worker(path, work, device, dtype)
+        ready.setdefault(path, w.ready)
+        print(f"[{dtype}] worker {path} ready: {w.ready}", flush=True)
+        return w
+
+    def timed(w: Worker, label: str) -> None:
+        times[w.path].append(w.ask("run"))
+        print(f"[{dtype}] {label} {w.path}: {times[w.path][-1]['total']:.3f} s", flush=True)
+
+    def finish(w: Worker) -> None:
+        mem = w.ask("memory")
+        old = memory.get(w.path)
+        memory[w.path] = mem if old is None else {k: max(v, old[k]) for k, v in mem.items()}
+        peaks.append(w.ask("matmul_peak", sizes=peak_sizes))
+        if w.path not in flops:
+            flops[w.path] = w.ask("flops")
+            if args.profile:
+                profiles[w.path] = w.ask("profile")["table"]
+
     workers: dict[str, Worker] = {}
     try:
-        for path in ("A", "B"):
-            print(f"[{dtype}] starting worker {path} (MemAvailable {mem_available_gb():.1f} GB)", flush=True)
-            workers[path] = Worker(path, work, device, dtype)
-            print(f"[{dtype}] worker {path} ready: {workers[path].ready}", flush=True)
-        for path, w in workers.items():
-            w.ask("check", file=os.path.join(work, f"out_{path}.safetensors"))
-        diff = compare(work)
-        print(f"[{dtype}] same output: {json.dumps(diff)}", flush=True)
-        for w in workers.values():
-            w.ask("reset_peak")
-        times: dict[str, list[dict]] = {"A": [], "B": []}
-        for r in range(args.runs):
-            for path in (("A", "B") if r % 2 == 0 else ("B", "A")):
-                times[path].append(workers[path].ask("run"))
-                print(f"[{dtype}] run {r + 1} {path}: {times[path][-1]['total']:.3f} s", flush=True)
-        memory = {p: w.ask("memory") for p, w in workers.items()}
-        flops = {p: w.ask("flops") for p, w in workers.items()}
-        peak = workers["A"].ask("matmul_peak", sizes=[256, 512] if args.smoke else [2048, 4096])
-        profiles = {p: w.ask("profile")["table"] for p, w in workers.items()} if args.profile else {}
-        ready = {p: w.ready for p, w in workers.items()}
+        if together:
+            for path in ("A", "B"):
+                workers[path] = start(path)
+            for path, w in workers.items():
+                w.ask("check", file=os.path.join(work, f"out_{path}.safetensors"))
+                w.ask("reset_peak")
+            for r in range(args.runs):
+                for path in (("A", "B") if r % 2 == 0 else ("B", "A")):
+                    timed(workers[path], f"run {r + 1}")
+            for w in workers.values():
+                finish(w)
+        else:
+            per_block = -(-args.runs // args.blocks)
+            for b in range(args.blocks):
+                for path in (("A", "B") if b % 2 == 0 else ("B", "A")):
+                    w = workers[path] = start(path)
+                    if b < 2:          # each path's first session: the warm-up is the saved check
+                        w.ask("check", file=os.path.join(work, f"out_{path}.safetensors"))
+                    else:
+                        w.ask("run")   # warm-up
+                    w.ask("reset_peak")
+                    for i in range(per_block):
+                        timed(w, f"block {b + 1} run {i + 1}")
+                    finish(w)
+                    w.close()
+                    del workers[path]
     finally:
         for w in workers.values():
             w.close()
+    diff = compare(work)
+    print(f"[{dtype}] same output: {json.dumps(diff)}", flush=True)
     med = {p: {"total": statistics.median(t["total"] for t in ts),
+               "cpu": statistics.median(t["cpu"] for t in ts),
                **{part: statistics.median(t["parts"][part] for t in ts) for part in PARTS}}
            for p, ts in times.items()}
+    peak = {"peak": statistics.median(p["peak"] for p in peaks), "all": [p["peak"] for p in peaks],
+            "per_size": peaks[0]["per_size"]}
     return {"dtype": dtype, "diff": diff, "times": times, "median": med, "memory": memory, "flops": flops,
-            "peak": peak, "profiles": profiles, "ready": ready}
+            "peak": peak, "profiles": profiles, "ready": ready, "together": together}
 
 
 def efficiency_rows(res: dict, path: str) -> list[str]:
@@ -539,13 +571,21 @@ def report(results: list[dict], args: argparse.Namespace, prep: dict, device: st
                   f"{d['image']['mean']:.1e}); latents z_L {d['z_l']['max']:.1e}, z_H {d['z_h']['max']:.1e} "
                   f"(max |z_H| {d['z_h']['scale']:.1f}). {100 * d['image_unclamped_fraction']:.0f}% of the output "
                   f"values lie strictly inside (0, 1) (not clamped), image std {d['image_std']:.3f}.", ""]
+        n = len(res["times"]["A"])
+        how = ("both workers loaded side by side, runs alternating A B, B A, ..." if res["together"] else
+               f"one worker at a time (not enough free memory for both): {args.blocks} sessions per path in the "
+               "order A B B A ..., each a fresh process with a warm-up upscale before its timed runs")
         lines += ["### Time and memory", "",
-                  f"Median of {args.runs} interleaved upscales after one warm-up upscale (the check), each "
-                  "path in its own fresh process.", "",
+                  f"Median of {n} timed upscales per path ({how}); each path in its own fresh process, after a "
+                  "warm-up upscale (the first one is the check above). CPU time is the worker process's user + "
+                  "system time over the upscale (all threads), less sensitive to other jobs than wall time.", "",
                   "| | A: this pack | B: diffusers + PEFT | A / B |", "|---|---|---|---|",
-                  f"| whole upscale (s) | {a:.3f} | {b:.3f} | **{a / b:.3f}** |"]
+                  f"| whole upscale, wall (s) | {a:.3f} | {b:.3f} | **{a / b:.3f}** |",
+                  f"| whole upscale, CPU time (s) | {m['A']['cpu']:.3f} | {m['B']['cpu']:.3f} | "
+                  f"{m['A']['cpu'] / m['B']['cpu']:.3f} |"]
         for part in PARTS:
-            lines.append(f"| {part} (s) | {m['A'][part]:.3f} | {m['B'][part]:.3f} | {m['A'][part] / m['B'][part]:.3f} |")
+            lines.append(f"| {part} (s) | {m['A'][part]:.3f} | {m['B'][part]:.3f} | "
+                         f"{m['A'][part] / m['B'][part]:.3f} |")
         other_a = a - sum(m["A"][p] for p in PARTS)
         other_b = b - sum(m["B"][p] for p in PARTS)
         lines.append(f"| rest: bicubic, padding, casts, patching checks (s) | {other_a:.3f} | {other_b:.3f} | |")
@@ -554,17 +594,19 @@ def report(results: list[dict], args: argparse.Namespace, prep: dict, device: st
             lines.append(f"| {label} | {mem['A'][key]:.2f} | {mem['B'][key]:.2f} | "
                          f"**{mem['A'][key] / mem['B'][key]:.3f}** |")
         if "cuda_peak_gb" in mem["A"]:
-            lines.append(f"| peak CUDA memory allocated (GiB) | {mem['A']['cuda_peak_gb']:.2f} | "
-                         f"{mem['B']['cuda_peak_gb']:.2f} | **{mem['A']['cuda_peak_gb'] / mem['B']['cuda_peak_gb']:.3f}** |")
+            ca, cb = mem["A"]["cuda_peak_gb"], mem["B"]["cuda_peak_gb"]
+            lines.append(f"| peak CUDA memory allocated (GiB) | {ca:.2f} | {cb:.2f} | **{ca / cb:.3f}** |")
         lines.append(f"| load time (s) | {res['ready']['A']['load_s']:.1f} | {res['ready']['B']['load_s']:.1f} | |")
         lines += ["", "Each timed run (s): A " + ", ".join(f"{t['total']:.2f}" for t in res["times"]["A"])
                   + "; B " + ", ".join(f"{t['total']:.2f}" for t in res["times"]["B"]), ""]
         pk = res["peak"]
         lines += ["### FLOPs and efficiency", "",
-                  f"Dense {res['dtype']} matmul peak of this machine: **{pk['peak'] / 1e9:.1f} GFLOP/s** (square "
-                  "`torch.mm`, 2 n^3 FLOPs, median of 5 per size: "
+                  f"Dense {res['dtype']} matmul peak of this machine: **{pk['peak'] / 1e9:.1f} GFLOP/s**: square "
+                  "`torch.mm` (2 n^3 FLOPs), the best size's median of 5, measured in each worker session right "
+                  "after its timed runs (same threads, same load), median over the sessions ("
+                  + ", ".join(f"{v / 1e9:.0f}" for v in pk["all"]) + "; first session per size: "
                   + ", ".join(f"n={n}: {v / 1e9:.1f}" for n, v in pk["per_size"].items())
-                  + f"; {res['ready']['A']['threads']} threads, in worker A's process). FLOPs from "
+                  + f"; {res['ready']['A']['threads']} threads). FLOPs from "
                   "`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention; CPU fused "
                   "attention counted with torch's SDPA formula), seconds = medians of the timed runs.", "",
                   "| path | part | GFLOP | s | GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|",
@@ -586,6 +628,12 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of each path")
     p.add_argument("--work", help="folder for the generated model files (default: a temporary folder)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="never hold both workers at once (chosen anyway when memory is short)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="one-at-a-time mode: worker sessions per path (runs are split over them)")
+    p.add_argument("--wait-min", type=float, default=30,
+                   help="wait up to this long for enough free memory before starting each worker")
     p.add_argument("--worker", choices=["A", "B"], help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default="SD21_UNET_CONFIG", help=argparse.SUPPRESS)
@@ -613,6 +661,8 @@ def main() -> int:
     args.runs = args.runs or (1 if args.smoke else 10 if args.gpu else 3)
     config = "TINY_SD2_UNET_CONFIG" if args.smoke else "SD21_UNET_CONFIG"
     args.lr_size = args.lr_size or (32 if args.smoke else 128)
+    # Memory each worker needs on the CPU (fp32 weights + ComfyUI's unpatched copies for A).
+    args.need_gb = {"A": 2.0, "B": 1.5} if args.smoke or args.gpu else {"A": 9.0, "B": 5.0}
     out_dir = tempfile.mkdtemp(prefix="bench_peers_smoke_") if args.smoke else args.out_dir
 
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
@@ -622,7 +672,8 @@ def main() -> int:
             print(f"writing the seeded {config} model files into {work} (MemAvailable {mem_available_gb():.1f} GB)",
                   flush=True)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare", "--work", work,
-                                  "--config", config, "--lr-size", str(args.lr_size)], stdout=subprocess.PIPE, text=True, check=True)
+                                  "--config", config, "--lr-size", str(args.lr_size)],
+                                 stdout=subprocess.PIPE, text=True, check=True)
             prep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith(REPLY))[len(REPLY):])
             with open(os.path.join(work, "prepare.json"), "w") as f:
                 json.dump(prep, f)
