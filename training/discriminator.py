@@ -45,13 +45,10 @@ def _read_tensors(path: str, keys_wanted) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if keys_wanted(k)}
 
 
-def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
-                           dtype: torch.dtype = torch.float32) -> nn.Module:
-    """ComfyUI's UNetModel for the SDXL file `path` with only time/label embeddings, input blocks
-    and middle block materialised on `device` (frozen). Raises ModelFileError for a missing file
-    or a non-SDXL UNet (e.g. the SD2.1 file)."""
-    config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
-    config.update(num_heads=-1, num_head_channels=64)  # ComfyUI's SD-family default (SDXL uses 64)
+def encoder_half_on_meta(config: dict) -> nn.Module:
+    """ComfyUI's UNetModel for the UNet `config` on the meta device with its output blocks and
+    `out` removed (time/label embeddings, input blocks and middle block kept)."""
+    config = dict(config, num_heads=-1, num_head_channels=64)  # ComfyUI's SD-family default (SDXL: 64)
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     with torch.device("meta"):
@@ -60,6 +57,17 @@ def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
     del unet.out
     if hasattr(unet, "id_predictor"):
         del unet.id_predictor
+    unet.config = config
+    return unet
+
+
+def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32) -> nn.Module:
+    """ComfyUI's UNetModel for the SDXL file `path` with only time/label embeddings, input blocks
+    and middle block materialised on `device` (frozen). Raises ModelFileError for a missing file
+    or a non-SDXL UNet (e.g. the SD2.1 file)."""
+    config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
+    unet = encoder_half_on_meta(config)
     unet.to_empty(device=device)
     wanted = _read_tensors(path, lambda k: k.startswith(PREFIX) and k[len(PREFIX):].startswith(KEPT_PREFIXES))
     tensors = {k[len(PREFIX):]: v for k, v in wanted.items()}
@@ -68,7 +76,6 @@ def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
         raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} missing / "
                              f"{len(unexpected)} unexpected UNet tensors (e.g. {(missing or unexpected)[:3]})")
     unet.to(dtype=dtype)
-    unet.config = config
     return freeze(unet.eval())
 
 
