@@ -5,7 +5,7 @@ Both paths get the same seeded random weights (SD2.1-base UNet 865.9 M + SD's KL
 once as a ComfyUI checkpoint and converted to diffusers names with ComfyUI's own name maps), the
 same rank-16 LoRA (alpha 16, random non-zero A and B) on the same 252 UNet layers, the same fixed
 embedding [1, 77, 1024], timestep 399 and the same 128x128 input, upscaled x4 to 512x512:
-  A (ours):  d3sr_core.pipeline.upscale, colour fix 'none', on CheckpointLoaderSimple's MODEL and
+  A (ours):  d3sr_core.upscale.upscale, colour fix 'none', on CheckpointLoaderSimple's MODEL and
              VAE (comfy.sd.load_checkpoint_guess_config) with the weight file applied by
              d3sr_core.model.load_d3sr (LoRA merged into the weights by ComfyUI's patcher);
   B (peers): as OSEDiff's inference code runs it: UNet2DConditionModel and AutoencoderKL
@@ -208,7 +208,7 @@ def flop_counter():
 
 
 class PathA:
-    """This pack: ComfyUI's checkpoint loader, load_d3sr, pipeline.upscale (colour fix none)."""
+    """This pack: ComfyUI's checkpoint loader, load_d3sr, d3sr_core.upscale.upscale (colour fix none)."""
 
     def __init__(self, work: str, device: torch.device, dtype: torch.dtype) -> None:
         from d3sr_core import host
@@ -218,8 +218,9 @@ class PathA:
 
         from d3sr_core import pipeline
         from d3sr_core.model import load_d3sr
+        from d3sr_core.upscale import upscale
         comfy.utils.set_progress_bar_enabled(False)
-        self.pipeline, self.device = pipeline, device
+        self._upscale, self.device = upscale, device
         ckpt = os.path.join(work, "sd.safetensors")
         model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             ckpt, output_vae=dtype == torch.float32, output_clip=False, model_options={"dtype": dtype})
@@ -234,7 +235,7 @@ class PathA:
         self.latents: dict[str, torch.Tensor] = {}
         self.counter = None
         self.flops: dict[str, int] = {}
-        # Time (and count) the three parts where pipeline.upscale calls them.
+        # Time (and count) the three parts where the pipeline calls them.
         for attr, part in (("encode_latent", "encode"), ("predict_x0", "unet"), ("decode_latent", "decode")):
             setattr(pipeline, attr, self._timed(getattr(pipeline, attr), part))
 
@@ -254,7 +255,7 @@ class PathA:
         return wrapper
 
     def upscale(self, lr: torch.Tensor) -> torch.Tensor:
-        return self.pipeline.upscale(self.d3sr, lr, 4.0, "none")
+        return self._upscale(self.d3sr, lr, 4.0, "none")
 
 
 class PathB:
