@@ -558,7 +558,7 @@ def report(results: list[dict], args: argparse.Namespace, prep: dict, device: st
              f"~ N(0, {LORA_STD}^2)) on {prep['lora_layers']} layers ({prep['lora_params'] / 1e6:.2f} M), fixed "
              f"embedding, timestep {TIMESTEP}; input {args.lr_size}x{args.lr_size} -> "
              f"{4 * args.lr_size}x{4 * args.lr_size}, colour fix none.", "",
-             "- A (ours): `d3sr_core.pipeline.upscale` on `comfy.sd.load_checkpoint_guess_config` + "
+             "- A (ours): `d3sr_core.upscale.upscale` on `comfy.sd.load_checkpoint_guess_config` + "
              "`d3sr_core.model.load_d3sr` (LoRA merged by ComfyUI's patcher).",
              "- B (peers, as OSEDiff's inference): diffusers `UNet2DConditionModel` + `AutoencoderKL` "
              "`from_pretrained`, PEFT adapters unmerged, VAE posterior mode, one UNet call, `DDPMScheduler.step` "
