@@ -346,20 +346,20 @@ def paper_worker(config_path: str, out_json: str) -> None:
 
 def paper_export_check(checkpoint: str, weights: str) -> dict:
     """The trainer's export on the ComfyUI-loaded full SD2.1 checkpoint: load_d3sr (what the
-    D3SRModelLoader node runs) and pipeline.upscale of a 32x32 image x4."""
+    D3SRModelLoader node runs) and d3sr_core.upscale.upscale of a 32x32 image x4."""
     from machine import rss_gb
     host.import_comfy(cpu=True)
     import comfy.sd
     import comfy.utils
 
-    from d3sr_core import pipeline
     from d3sr_core.model import load_d3sr
+    from d3sr_core.upscale import upscale
     comfy.utils.set_progress_bar_enabled(False)
     t0 = time.perf_counter()
     model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=False)
     d3sr = load_d3sr(model, vae, weights)
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
-    out = pipeline.upscale(d3sr, image, 4.0, "adain")
+    out = upscale(d3sr, image, 4.0, "adain")
     return {"model_config": type(model.model.model_config).__name__, "lora_patches": len(d3sr.model.patches),
             "timestep": d3sr.timestep, "output_shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
             "output_std": float(out.std()), "seconds": round(time.perf_counter() - t0, 1), "rss_gb": rss_gb()}
@@ -502,7 +502,7 @@ def paper_report(info: dict, runs: list[dict], main_run: dict, export: str, chec
               f"`{os.path.basename(export)}` (step {args.paper_steps} of the crop-{main_run['crop']} checkpointed run) "
               "loaded by `d3sr_core.model.load_d3sr` (what D3SRModelLoader runs) onto the full SD2.1 checkpoint "
               f"loaded by `comfy.sd.load_checkpoint_guess_config` ({check['model_config']}): {check['lora_patches']} "
-              f"LoRA patches, T_L {check['timestep']}; `pipeline.upscale` of a 32x32 image x4 gave "
+              f"LoRA patches, T_L {check['timestep']}; `d3sr_core.upscale.upscale` of a 32x32 image x4 gave "
               f"{check['output_shape']} (expected [1, 128, 128, 3]), finite {check['finite']}, std "
               f"{check['output_std']:.3f}, in {check['seconds']} s.", ""]
     lines += paper_projection(runs, p)

@@ -8,7 +8,7 @@ import torch
 from comfy.cli_args import args
 from comfy.ldm.modules import attention
 
-from d3sr_core import pipeline
+from d3sr_core import upscale as plain
 from d3sr_core.model import ATTENTION_OVERRIDE_KEY, load_d3sr, prefer_fused_cpu_attention
 
 pytestmark = pytest.mark.skipif(attention.optimized_attention is not attention.attention_sub_quad,
@@ -34,12 +34,12 @@ def test_clone_uses_fused_attention_with_the_same_output(d3sr, tiny_sd2, monkeyp
         return fused(*a, **kw)
     monkeypatch.setattr(attention, "attention_pytorch", counting)
     lr = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(3))
-    out = pipeline.upscale(d3sr, lr, 4.0, "none")
+    out = plain.upscale(d3sr, lr, 4.0, "none")
     assert calls, "the UNet's attention did not go through scaled_dot_product_attention"
 
     del d3sr.model.model_options["transformer_options"][ATTENTION_OVERRIDE_KEY]
     n = len(calls)
-    ref = pipeline.upscale(d3sr, lr, 4.0, "none")        # ComfyUI's own (sub-quadratic) attention
+    ref = plain.upscale(d3sr, lr, 4.0, "none")        # ComfyUI's own (sub-quadratic) attention
     assert len(calls) == n
     err = (out - ref).abs().max().item()
     assert err < 1e-5, f"fused and sub-quadratic attention differ by {err}"
