@@ -82,11 +82,13 @@ def coefficients(in_size: int, out_size: int, kind: str) -> tuple[list[int], lis
     return starts, weights
 
 
-def _resize_axis(x: torch.Tensor, out_size: int, kind: str, dim: int) -> torch.Tensor:
-    """One Pillow pass along `dim` of an int32 tensor holding 0..255: fixed-point weighted sum
-    plus one half, shifted down and clamped to 0..255."""
-    in_size = x.shape[dim]
-    starts, weights = coefficients(in_size, out_size, kind)
+def _resize_rows(x: torch.Tensor, out_size: int, kind: str, as_float: bool = False,
+                 chunk: int = 256) -> torch.Tensor:
+    """One Pillow pass along the rows (dim -2) of an int32 tensor [..., H, W] holding 0..255:
+    fixed-point weighted sum plus one half, shifted down and clamped to 0..255. Returns int32
+    levels, or float32 k / 255 with `as_float`. Works `chunk` output rows at a time, so the
+    temporaries stay small next to the result (the tiled upscaler calls this at full size)."""
+    starts, weights = coefficients(x.shape[-2], out_size, kind)
     taps = max(len(w) for w in weights)
     index = torch.zeros(out_size, taps, dtype=torch.long)
     kernel = torch.zeros(out_size, taps, dtype=torch.int32)
@@ -94,13 +96,15 @@ def _resize_axis(x: torch.Tensor, out_size: int, kind: str, dim: int) -> torch.T
         index[i, : len(w)] = torch.arange(start, start + len(w))
         kernel[i, : len(w)] = torch.tensor(w, dtype=torch.int32)
     index, kernel = index.to(x.device), kernel.to(x.device)
-    shape = [1] * x.ndim
-    shape[dim] = out_size
-    acc = torch.full([*x.shape[:dim], out_size, *x.shape[dim + 1:]], 1 << (PRECISION_BITS - 1),
-                     dtype=torch.int32, device=x.device)
-    for j in range(taps):   # padded taps have weight 0 (index 0 is always valid)
-        acc += x.index_select(dim, index[:, j]) * kernel[:, j].reshape(shape)
-    return (acc.clamp_(min=0) >> PRECISION_BITS).clamp_(max=255)
+    out = torch.empty(*x.shape[:-2], out_size, x.shape[-1], device=x.device,
+                      dtype=torch.float32 if as_float else torch.int32)
+    for lo in range(0, out_size, chunk):
+        rows = slice(lo, min(lo + chunk, out_size))
+        acc = torch.full_like(out[..., rows, :], 1 << (PRECISION_BITS - 1), dtype=torch.int32)
+        for j in range(taps):   # padded taps have weight 0 (index 0 is always valid)
+            acc.addcmul_(x.index_select(-2, index[rows, j]), kernel[rows, j, None])
+        out[..., rows, :] = (acc.clamp_(min=0) >> PRECISION_BITS).clamp_(max=255)
+    return out.div_(255.0) if as_float else out
 
 
 def to_levels(x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +123,10 @@ def pillow_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "bicubic")
     if h < 1 or w < 1:
         raise ValueError(f"cannot resize to {w}x{h}")
     levels = to_levels(x)
-    if w != levels.shape[-1]:
-        levels = _resize_axis(levels, w, kind, levels.ndim - 1)
+    if w != levels.shape[-1]:      # horizontal pass first, as Pillow 9.5 (on the transposed image)
+        last = h == levels.shape[-2]
+        levels = _resize_rows(levels.transpose(-1, -2).contiguous(), w, kind, as_float=last)
+        levels = levels.transpose(-1, -2).contiguous()
     if h != levels.shape[-2]:
-        levels = _resize_axis(levels, h, kind, levels.ndim - 2)
-    return levels.float() / 255.0
+        levels = _resize_rows(levels, h, kind, as_float=True)
+    return levels if levels.is_floating_point() else levels.float() / 255.0

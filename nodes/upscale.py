@@ -14,7 +14,9 @@ def upscale_inputs() -> list:
         D3SRModelType.Input("d3sr_model", tooltip="From the Load D3SR Model node."),
         io.Image.Input("image", tooltip="Low-resolution RGB images (a batch is upscaled one by one)."),
         io.Float.Input("upscale_by", default=4.0, min=1.0, max=MAX_FACTOR, step=0.05,
-                       tooltip="Output size = round(upscale_by x input size). D3SR is trained for 4."),
+                       tooltip="Output size = round(upscale_by x input size); with OSEDiff weights each "
+                               "side is then brought down to a multiple of 8, as OSEDiff does. D3SR is "
+                               "trained for 4."),
         io.Combo.Input("colour_fix", options=list(COLOUR_FIXES), default="adain",
                        tooltip="Match the output's colours to the input: adain (per-channel mean and "
                                "std), wavelet (keep the input's low frequencies) or none."),

@@ -171,6 +171,7 @@ def test_sides_under_8_px_are_padded_not_dropped(pkl_output, size, out):
 
 @pytest.mark.parametrize("in_hw,out_hw,kind", [((13, 19), (52, 76), "bicubic"), ((7, 30), (28, 120), "bicubic"),
                                                ((1, 1), (4, 4), "bicubic"), ((33, 17), (83, 43), "bicubic"),
+                                               ((150, 97), (600, 388), "bicubic"),    # > 256 rows: chunks
                                                ((52, 76), (48, 72), "lanczos"), ((44, 96), (40, 96), "lanczos"),
                                                ((60, 9), (56, 9), "lanczos")])
 def test_resample_is_pillows(in_hw, out_hw, kind):
@@ -179,7 +180,7 @@ def test_resample_is_pillows(in_hw, out_hw, kind):
     ours = resample.pillow_resize(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255, out_hw, kind)
     ours = (ours[0].permute(1, 2, 0) * 255).round().to(torch.int16)
     filt = Image.BICUBIC if kind == "bicubic" else Image.LANCZOS
-    theirs = torch.from_numpy(np.asarray(pil_resize(Image.fromarray(arr), out_hw[::-1], filt))).to(torch.int16)
+    theirs = torch.from_numpy(np.array(pil_resize(Image.fromarray(arr), out_hw[::-1], filt))).to(torch.int16)
     diff = (ours - theirs).abs().max().item()
     # Bicubic weights are polynomials: bit-identical. Lanczos uses sin(), whose last bit may
     # differ between C libraries, so one level is allowed there.
