@@ -12,8 +12,6 @@ import tempfile
 
 import folder_paths
 
-from .nodes import D3SRExtension
-
 EXAMPLE_IMAGE = "d3sr_example_lr.png"   # what the templates' Load Image node opens
 _PACK = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,9 +56,15 @@ def _install_example_image() -> None:
             os.unlink(tmp)
 
 
-_register_model_folder()
-_install_example_image()
+# ComfyUI imports the pack as a package. pytest also imports this file, as a lone module when
+# the clone's folder name is not a Python name (e.g. comfyui-d3sr): then there is no package
+# to import the nodes from and nothing to register.
+if __package__:
+    _register_model_folder()
+    _install_example_image()
 
 
-async def comfy_entrypoint() -> D3SRExtension:
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack's extension with its four nodes."""
+    from .nodes import D3SRExtension
     return D3SRExtension()
