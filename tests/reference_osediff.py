@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from d3sr_core import synthetic
+from devtools import synthetic
 
 RANK = 4
 ALPHA = 8.0          # PEFT's default lora_alpha, which OSEDiff keeps

@@ -15,9 +15,10 @@ import torch
 from reference_d3sr import d3sr_reference
 from reference_osediff import ALPHA, RANK, make_osediff_dict, reference_modules
 
-from d3sr_core import osediff, pipeline, synthetic
+from d3sr_core import osediff, pipeline
 from d3sr_core.model import load_d3sr
 from d3sr_core.weight_format import WeightFileError, read_weights
+from devtools import synthetic
 
 TOL = 1e-4
 PROMPT = "building, sky"

@@ -6,9 +6,10 @@ import pytest
 import torch
 from reference_d3sr import d3sr_reference, merged_unet, raw_vae
 
-from d3sr_core import pipeline, synthetic
+from d3sr_core import pipeline
 from d3sr_core.model import load_d3sr
 from d3sr_core.weight_format import read_weights
+from devtools import synthetic
 
 TOL = 1e-4  # float32, CPU
 
