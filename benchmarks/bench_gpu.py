@@ -1,6 +1,6 @@
 """GPU speed of D3SR against ComfyUI's stock one-step path, on the FULL-SIZE architectures.
 
-Builds SD2.1-base's UNet (866 M parameters, d3sr_core.synthetic.SD21_UNET_CONFIG) and SD's KL
+Builds SD2.1-base's UNet (866 M parameters, d3sr_core.architectures.SD21_UNET_CONFIG) and SD's KL
 VAE with seeded random weights (no download: the architecture sets the speed), loads them with
 ComfyUI's own checkpoint loader, applies a random rank-16 D3SR LoRA, and times, in fp16 and
 bf16, after warm-up, the median of 20 runs (CUDA-synchronised wall time, CPU IMAGE in and out,
@@ -50,7 +50,7 @@ def median_time(fn, runs: int, warmup: int) -> float:
 def build_state_dict(unet_config: dict, seed: int = 0) -> tuple[dict, object]:
     """A checkpoint-style state dict (model.diffusion_model.* + first_stage_model.*) of the UNet
     with `unet_config` and SD's KL VAE with seeded weights, and the UNet module."""
-    from d3sr_core import synthetic
+    from devtools import synthetic
     unet = synthetic.build_unet(unet_config, seed)
     vae = synthetic.build_kl_vae(seed + 1)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
@@ -137,7 +137,7 @@ def main() -> int:
     import comfy.model_management as mm
     import comfy.utils
 
-    from d3sr_core import synthetic
+    from devtools import synthetic
     comfy.utils.set_progress_bar_enabled(False)
 
     card = torch.cuda.get_device_name(0)
@@ -192,7 +192,7 @@ def smoke(args: argparse.Namespace) -> int:
     import comfy.utils
     import torch
 
-    from d3sr_core import synthetic
+    from devtools import synthetic
     comfy.utils.set_progress_bar_enabled(False)
     sd, unet = build_state_dict(synthetic.TINY_SD2_UNET_CONFIG)
     weights = synthetic.random_d3sr_weights(unet, rank=4, alpha=4.0, seed=0)

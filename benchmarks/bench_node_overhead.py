@@ -30,10 +30,10 @@ import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
-from d3sr_core import synthetic  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 from d3sr_core.model import d3sr_model_from_weights  # noqa: E402
 from d3sr_core.upscale import upscale  # noqa: E402
+from devtools import synthetic  # noqa: E402
 
 
 def interleaved_medians(fns: list, runs: int) -> list[float]:

@@ -69,7 +69,7 @@ def _synthetic():
     try:
         from devtools import synthetic
     except ImportError:
-        from d3sr_core import synthetic
+        from devtools import synthetic
     return synthetic
 
 

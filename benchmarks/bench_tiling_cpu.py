@@ -1,4 +1,4 @@
-"""CPU benchmark of the tiled D3SR path with small seeded models (d3sr_core.synthetic).
+"""CPU benchmark of the tiled D3SR path with small seeded models (devtools.synthetic).
 
 Measures, each run in a fresh subprocess (so ru_maxrss is that run's own peak):
   - peak process memory and time per output megapixel for 1024^2, 2048^2, 4096^2 outputs
@@ -153,8 +153,8 @@ def make_models(work: str) -> None:
     sys.path.insert(0, ROOT)
     from d3sr_core import host
     host.import_comfy(cpu=True)
-    from d3sr_core import synthetic
     from d3sr_core.weight_format import atomic_save_safetensors, write_weights
+    from devtools import synthetic
     synthetic.write_checkpoint(os.path.join(work, "tiny-sd2.safetensors"), seed=0)
     unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
     write_weights(os.path.join(work, "tiny-t399.safetensors"), synthetic.random_d3sr_weights(unet, seed=10))

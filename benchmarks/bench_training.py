@@ -94,7 +94,8 @@ def bench_cpu(steps: int) -> str:
     host.import_comfy(cpu=True)
     import logging
     logging.disable(logging.WARNING)
-    from training.train import Trainer, prepare_tiny_setup
+    from devtools.tiny_setup import prepare_tiny_setup
+    from training.trainer import Trainer
     with tempfile.TemporaryDirectory() as tmp:
         setup = prepare_tiny_setup(os.path.join(tmp, "tiny"), images=4, size=48)
         cfg = _config(setup, os.path.join(tmp, "out"), crop=32, batch=2, device="cpu", precision="fp32",
@@ -130,13 +131,13 @@ def _write_full_checkpoints(folder: str) -> dict:
     """Random-weight SD2.1-base and SDXL-base checkpoints (bf16) for the GPU benchmark."""
     from safetensors.torch import save_file
 
-    from d3sr_core import synthetic
+    from d3sr_core.architectures import SD21_UNET_CONFIG, SDXL_UNET_CONFIG
+    from devtools import synthetic
     paths = {"generator": os.path.join(folder, "sd21-random.safetensors"),
              "discriminator": os.path.join(folder, "sdxl-random.safetensors")}
     vae = {"first_stage_model." + k: v.to(torch.bfloat16).contiguous()
            for k, v in synthetic.build_kl_vae(1).state_dict().items()}
-    for key, config, seed in (("generator", synthetic.SD21_UNET_CONFIG, 0),
-                              ("discriminator", synthetic.SDXL_UNET_CONFIG, 2)):
+    for key, config, seed in (("generator", SD21_UNET_CONFIG, 0), ("discriminator", SDXL_UNET_CONFIG, 2)):
         unet = synthetic.build_unet(config, seed, dtype=torch.bfloat16)
         sd = {"model.diffusion_model." + k: v.contiguous() for k, v in unet.state_dict().items()}
         del unet
@@ -151,7 +152,8 @@ def bench_gpu(steps: int) -> str:
         print("bench_training --gpu: CUDA is not available on this machine; no GPU numbers were measured.")
         sys.exit(0)
     host.import_comfy(cpu=False)
-    from training.train import Trainer, prepare_tiny_setup
+    from devtools.tiny_setup import prepare_tiny_setup
+    from training.trainer import Trainer
     card = torch.cuda.get_device_name(0)
     header = [
         "# Training benchmark, GPU, paper architecture (random weights)",
@@ -204,7 +206,7 @@ def _synthetic():
     try:
         from devtools import synthetic
     except ImportError:
-        from d3sr_core import synthetic
+        from devtools import synthetic
     return synthetic
 
 
@@ -244,7 +246,7 @@ def paper_prepare(work: str, tiny: bool = False) -> dict:
     host.import_comfy(cpu=True)
     from safetensors.torch import save_file
 
-    from training.train import prepare_tiny_setup
+    from devtools.tiny_setup import prepare_tiny_setup
     synthetic = _synthetic()
     os.makedirs(work, exist_ok=True)
     t0 = time.time()

@@ -13,6 +13,7 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
+from .architectures import FAMILY_BY_CONTEXT
 from .checks import check_strength
 from .schedule import alphas_cumprod
 from .weight_format import EMBEDDING_SHAPE, UPSAMPLERS, D3SRWeights, WeightFileError, read_weights
@@ -49,7 +50,6 @@ class D3SRModel:
     osediff_steps: bool = False
 
 
-_FAMILY_BY_CONTEXT = {768: "an SD1.x model", 1024: "an SD2.x model", 2048: "an SDXL model"}
 BASE_MODEL_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetensors) with the stock "
                   "'Load Checkpoint' node and connect its MODEL and VAE.")
 
@@ -60,7 +60,8 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE)
     unet_config = getattr(base.model_config, "unet_config", {}) if hasattr(base, "model_config") else {}
     context = unet_config.get("context_dim")
     if context != EMBEDDING_SHAPE[2]:
-        family = _FAMILY_BY_CONTEXT.get(context, f"a model with context width {context}")
+        family = (f"an {FAMILY_BY_CONTEXT[context]} model" if context in FAMILY_BY_CONTEXT
+                  else f"a model with context width {context}")
         raise BaseModelMismatchError(
             f"D3SR needs SD2.1-base (context width 1024) but the connected MODEL is {family} "
             f"({type(base.model_config).__name__}). {BASE_MODEL_FIX}")

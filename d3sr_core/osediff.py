@@ -202,7 +202,7 @@ def expected_shapes(unet_config: dict) -> tuple[dict[str, torch.Size], dict[str,
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from .synthetic import KL_VAE_DDCONFIG
+    from .architectures import KL_VAE_DDCONFIG
     with torch.device("meta"):
         unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init)
         vae = AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4)
@@ -310,7 +310,7 @@ def convert_osediff(raw: dict, unet_config: dict | None = None, name: str = "ose
     strict: raise OSEDiffFormatError when any tensor is not applied or a listed module lacks
     tensors (the report lists them); otherwise return the report for the caller to show.
     """
-    from .synthetic import SD21_UNET_CONFIG
+    from .architectures import SD21_UNET_CONFIG
     unet_config = unet_config or SD21_UNET_CONFIG
     report = ConversionReport()
     unet_shapes, vae_shapes = expected_shapes(unet_config)

@@ -68,7 +68,7 @@ def main() -> int:
         print(f"[demo] using real models: {ckpt} + {weights}")
     else:
         host.import_comfy(cpu=True)
-        from d3sr_core import synthetic
+        from devtools import synthetic
         models = OUT / "models"
         for sub in ("checkpoints", "d3sr"):
             (models / sub).mkdir(parents=True, exist_ok=True)

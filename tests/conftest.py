@@ -32,8 +32,8 @@ def models_dir(tmp_path_factory) -> Path:
     import torch
     from reference_osediff import make_osediff_dict
 
-    from d3sr_core import synthetic
     from d3sr_core.weight_format import write_weights
+    from devtools import synthetic
 
     root = tmp_path_factory.mktemp("models")
     for sub in ("checkpoints", "d3sr", "loras"):

@@ -41,7 +41,7 @@ def merged_unet(checkpoint: str, unet_config: dict, lora: dict, strength: float 
 def raw_vae(checkpoint: str):
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    from d3sr_core.synthetic import KL_VAE_DDCONFIG
+    from d3sr_core.architectures import KL_VAE_DDCONFIG
     sd = load_file(checkpoint)
     prefix = "first_stage_model."
     vae = AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4)

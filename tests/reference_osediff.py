@@ -14,7 +14,7 @@ from reference_d3sr import LATENT_SCALE, abar
 from safetensors.torch import load_file
 from torchvision.transforms import ToPILImage, ToTensor
 
-from d3sr_core import synthetic
+from devtools import synthetic
 
 RANK = 4
 ALPHA = 8.0          # PEFT's default lora_alpha, which OSEDiff keeps

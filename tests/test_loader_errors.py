@@ -9,9 +9,9 @@ import comfy.supported_models
 import pytest
 import torch
 
-from d3sr_core import synthetic
 from d3sr_core.model import BaseModelMismatchError, load_d3sr
 from d3sr_core.upscale import upscale
+from devtools import synthetic
 
 
 def test_sd1_checkpoint_is_rejected(models_dir):

@@ -30,10 +30,11 @@ from reference_osediff import (
     reference_modules,
 )
 
-from d3sr_core import osediff, resample, synthetic, tiling
+from d3sr_core import osediff, resample, tiling
 from d3sr_core.model import load_d3sr
 from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import WeightFileError, read_weights
+from devtools import synthetic
 
 LEVEL = 1.0 / 255.0
 PROMPT = "a (tall) building, sky"   # brackets: plain text to OSEDiff, emphasis in ComfyUI's syntax

@@ -8,10 +8,11 @@ from reference_d3sr import d3sr_reference, merged_unet, raw_vae
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from d3sr_core import pipeline, synthetic
+from d3sr_core import pipeline
 from d3sr_core.model import load_d3sr
 from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import WeightFileError, read_weights, write_weights
+from devtools import synthetic
 
 TOL = 1e-4  # float32, CPU
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_training_loop import write_config
 
-from training.train import prepare_tiny_setup
+from devtools.tiny_setup import prepare_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 

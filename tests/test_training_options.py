@@ -267,7 +267,7 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
     # encoding of "" (D3SR.md), computed here independently through ComfyUI's checkpoint loader.
     import comfy.sd
 
-    from d3sr_core import synthetic
+    from devtools import synthetic
     ckpt = synthetic.write_checkpoint(str(tmp_path / "tiny-sd2-clip.safetensors"), seed=0, text_encoder=True)
     models = {"generator": ckpt, "discriminator": setup["discriminator"]}
     trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
@@ -284,7 +284,7 @@ def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, 
     # seeded weights (rounded to fp16 as stored), fed the tokenizer's "" directly.
     from comfy import sdxl_clip
 
-    from d3sr_core import synthetic
+    from devtools import synthetic
     path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7, text_encoders=True)
     models = {"generator": setup["generator"], "discriminator": path}
     trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))

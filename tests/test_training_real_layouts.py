@@ -12,9 +12,9 @@ from comfy.ldm.modules import attention
 from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from d3sr_core import synthetic
 from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.model import ATTENTION_OVERRIDE_KEY, _fused_attention
+from devtools import synthetic
 from training.discriminator import CONTEXT_SHAPE, Discriminator, encoder_half_on_meta
 from training.generator import _checkpointed
 from training.lora import LoRASet

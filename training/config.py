@@ -1,11 +1,22 @@
 """Training configuration: YAML -> nested dataclasses, with unknown keys and bad values rejected.
 
+Every value is checked against its field's type when the file is read (a whole number for int
+fields, booleans refused as numbers, finite numbers for float fields; a number PyYAML leaves as
+a string, such as `5e-5`, is read as that number; `folders: data/x` is one folder) and then
+against its range (`validate`), before anything is loaded. Errors are one line naming the key.
+
 Defaults are D3SR.md's (paper, or ours where the paper is silent; marked "ours").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,14 +80,14 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 on CUDA when supported, else fp32) | bf16 | fp16 | fp32
     frozen_dtype: str = "auto"        # dtype of the frozen UNets: auto (= compute dtype) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    ema_decay: float | None = None    # EMA of the generator LoRA + embedding; exported when set
+    ema_decay: float | None = None    # EMA of the generator LoRA + embedding, exported when set; 0/null = off
     timestep_sharing: bool = True     # ours: real and fake of one sample share t (noise differs)
     d_timesteps: tuple[int, int] = (0, 999)  # range of the discriminator's t (paper: U{0..999})
 
 
 @dataclass
 class DataConfig:
-    folders: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # one string = one folder
     degradation: str = "realesrgan"   # realesrgan (training.degradation) | bicubic (tests, quick runs)
     # Every probability and range of the Real-ESRGAN pipeline (defaults: Real-ESRGAN's x4 options;
     # see training/degradation.py). Its `scale` is ignored: train.scale is used.
@@ -117,65 +128,176 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# A number as YAML writes it; PyYAML (YAML 1.1) leaves exponents without a dot ("5e-5") as strings.
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _show(value: Any) -> str:
+    """`value` as the config file would spell it (true, null, "text", 1.5)."""
+    return json.dumps(value, default=str)
+
+
+def _number(value: Any) -> int | float | None:
+    """An int/float from a YAML number or a numeric string; None for anything else (bools too)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    return None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against the field's type `hint` (and converted: a numeric string to its
+    number, a whole float to int, a list to a tuple, one string to a one-item list of strings).
+    Raises ConfigError naming `where` for anything else."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(value, hint, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        n = _number(value)
+        if n is None or (isinstance(n, float) and not (math.isfinite(n) and n.is_integer())):
+            raise ConfigError(f"{where} must be a whole number, got {_show(value)}")
+        return int(n)
+    if hint is float:
+        n = _number(value)
+        if n is None or not math.isfinite(n):
+            raise ConfigError(f"{where} must be a finite number, got {_show(value)}")
+        return float(n)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a text string, got {_show(value)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # `folders: data/x` means one folder, not a list of characters
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_show(value)}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_show(value)}")
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(value) != len(items):
+            raise ConfigError(f"{where} must be a list of {len(items)} values, got {_show(value)}")
+        return tuple(_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
+    return value
+
+
 def _build(base, data: dict, where: str):
-    """A copy of the dataclass instance `base` with the values in `data` (nested sections update
-    the nested defaults: e.g. data.realesrgan.second keeps the second stage's other values)."""
+    """A copy of the dataclass instance `base` with the values in `data`, each checked against its
+    field's type (`_coerce`). Nested sections update the nested defaults: e.g.
+    data.realesrgan.second keeps the second stage's other values."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config section '{where or 'top level'}' must be a mapping, got {_show(data)}")
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"unknown config key(s) in '{where or 'top level'}': {', '.join(unknown)} "
+        raise ConfigError(f"unknown config key(s) in '{where or 'top level'}': {', '.join(map(str, unknown))} "
                           f"(known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(type(base))
     kwargs = {}
     for name, value in data.items():
-        default = getattr(base, name)
+        default, key = getattr(base, name), f"{where}.{name}".lstrip(".")
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(default, value or {}, f"{where}.{name}".lstrip("."))
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = _build(default, {} if value is None else value, key)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, hints[name], key)
     return dataclasses.replace(base, **kwargs)
 
 
-def validate(cfg: Config) -> Config:
-    """Raise ConfigError for values that cannot work; returns cfg."""
-    t = cfg.train
-    def one_of(value, allowed, name):
-        return value in allowed, f"{name} '{value}' is not one of {'/'.join(allowed)}"
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> tuple[bool, str]:
+    return value in allowed, f"{name} '{value}' is not one of {'/'.join(allowed)}"
 
-    checks = [
-        (1 <= cfg.generator.timestep <= 999,
-         f"generator.timestep (T_L) must be in 1..999, got {cfg.generator.timestep}"),
-        (t.steps >= 1, "train.steps must be >= 1"),
-        (t.batch_size >= 1, "train.batch_size must be >= 1"),
-        (t.scale >= 1 and t.crop % t.scale == 0,
-         f"train.crop ({t.crop}) must be a multiple of train.scale ({t.scale})"),
-        (t.crop % 8 == 0 and t.crop >= 16, f"train.crop ({t.crop}) must be a multiple of 8 and >= 16"),
-        one_of(t.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision"),
-        one_of(t.frozen_dtype, ("auto", "bf16", "fp16", "fp32"), "train.frozen_dtype"),
-        (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
-        (cfg.optim.grad_accum < 1 or t.batch_size % cfg.optim.grad_accum == 0,
-         f"train.batch_size ({t.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"),
-        one_of(cfg.loss.perceptual, ("ea_dists", "dists", "none"), "loss.perceptual"),
-        one_of(cfg.data.degradation, ("realesrgan", "bicubic"), "data.degradation"),
-        one_of(cfg.device, ("auto", "cpu", "cuda"), "device"),
-        (t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1) or null"),
-        (cfg.log.checkpoint_every >= 1, "log.checkpoint_every must be >= 1"),
-        (cfg.log.every >= 1, "log.every must be >= 1"),
-        (cfg.log.eval_every >= 1, "log.eval_every must be >= 1"),
-        (cfg.log.sample_every >= 0, "log.sample_every must be >= 0 (0 = no samples)"),
-        (len(t.d_timesteps) == 2 and 0 <= t.d_timesteps[0] <= t.d_timesteps[1] <= 999,
-         f"train.d_timesteps must be [lo, hi] with 0 <= lo <= hi <= 999, got {list(t.d_timesteps)}"),
+
+def _at_least(name: str, value: float, low: float) -> tuple[bool, str]:
+    return value >= low, f"{name} must be >= {low}, got {value}"
+
+
+def _positive(name: str, value: float) -> tuple[bool, str]:
+    return value > 0, f"{name} must be > 0, got {value}"
+
+
+def _model_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """(ok, message) for the networks, the loss and the optimizer."""
+    g, d, o = cfg.generator, cfg.discriminator, cfg.optim
+    return [
+        _at_least("seed", cfg.seed, 0),
+        (1 <= g.timestep <= 999, f"generator.timestep (T_L) must be in 1..999, got {g.timestep}"),
+        _at_least("generator.lora_rank", g.lora_rank, 1),
+        _positive("generator.lora_alpha", g.lora_alpha),
+        _at_least("discriminator.lora_rank", d.lora_rank, 1),
+        _positive("discriminator.lora_alpha", d.lora_alpha),
+        (d.head_channels is None or d.head_channels >= 1,
+         f"discriminator.head_channels must be >= 1 or null, got {d.head_channels}"),
+        _at_least("loss.lambda_perceptual", cfg.loss.lambda_perceptual, 0),
+        _at_least("loss.lambda_gan", cfg.loss.lambda_gan, 0),
+        _one_of("loss.perceptual", cfg.loss.perceptual, ("ea_dists", "dists", "none")),
+        _positive("optim.lr_generator", o.lr_generator),
+        _positive("optim.lr_discriminator", o.lr_discriminator),
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas must both be in [0, 1), got {list(o.betas)}"),
+        _at_least("optim.weight_decay", o.weight_decay, 0),
+        (o.grad_clip is None or o.grad_clip > 0,
+         f"optim.grad_clip must be > 0 (or null: no clipping), got {o.grad_clip}"),
+        (o.grad_accum >= 1, "optim.grad_accum must be >= 1"),
     ]
+
+
+def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """(ok, message) for the training schedule, the data, the device, logging and the paths."""
+    t, o, lg = cfg.train, cfg.optim, cfg.log
     # Real-ESRGAN's blurs pad by up to 10 pixels (reflect): its smallest intermediate image (crop x
     # 0.15 after the first resize) and the LR (crop / scale) must stay above 21 pixels.
     min_crop = max(148, 22 * t.scale)
-    checks.append((cfg.data.degradation != "realesrgan" or t.crop >= min_crop,
-                   f"train.crop {t.crop} is too small for the Real-ESRGAN degradation (needs >= {min_crop} "
-                   f"at scale {t.scale}); use a larger crop or data.degradation: bicubic"))
-    for ok, message in checks:
+    checks = [
+        (cfg.output_dir.strip() != "", "output_dir is empty: set the folder the run writes to"),
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (o.grad_accum < 1 or t.batch_size % o.grad_accum == 0,
+         f"train.batch_size ({t.batch_size}) must be divisible by optim.grad_accum ({o.grad_accum})"),
+        _at_least("train.scale", t.scale, 1),
+        (t.scale < 1 or t.crop % t.scale == 0,
+         f"train.crop ({t.crop}) must be a multiple of train.scale ({t.scale})"),
+        (t.crop % 8 == 0 and t.crop >= 16, f"train.crop ({t.crop}) must be a multiple of 8 and >= 16"),
+        _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32")),
+        _one_of("train.frozen_dtype", t.frozen_dtype, ("auto", "bf16", "fp16", "fp32")),
+        (t.ema_decay is None or 0.0 <= t.ema_decay < 1.0,
+         f"train.ema_decay must be in [0, 1) or null (0 and null: no EMA), got {t.ema_decay}"),
+        (0 <= t.d_timesteps[0] <= t.d_timesteps[1] <= 999,
+         f"train.d_timesteps must be [lo, hi] with 0 <= lo <= hi <= 999, got {list(t.d_timesteps)}"),
+        _one_of("data.degradation", cfg.data.degradation, ("realesrgan", "bicubic")),
+        (cfg.data.degradation != "realesrgan" or t.crop >= min_crop,
+         f"train.crop {t.crop} is too small for the Real-ESRGAN degradation (needs >= {min_crop} "
+         f"at scale {t.scale}); use a larger crop or data.degradation: bicubic"),
+        _at_least("data.num_workers", cfg.data.num_workers, 0),
+        _at_least("data.prefetch_factor", cfg.data.prefetch_factor, 1),
+        _one_of("device", cfg.device, ("auto", "cpu", "cuda")),
+        (lg.checkpoint_every >= 1, "log.checkpoint_every must be >= 1"),
+        (lg.every >= 1, "log.every must be >= 1"),
+        (lg.eval_every >= 1, "log.eval_every must be >= 1"),
+        (lg.sample_every >= 0, "log.sample_every must be >= 0 (0 = no samples)"),
+        _at_least("log.keep_checkpoints", lg.keep_checkpoints, 0),
+    ]
+    for name, path in (("models.embedding_file", cfg.models.embedding_file),
+                       ("models.sdxl_conditioning_file", cfg.models.sdxl_conditioning_file),
+                       ("loss.vgg_path", cfg.loss.vgg_path)):
+        checks.append((path is None or os.path.isfile(path), f"{name} '{path}' is not a file (or set it to null)"))
+    return checks
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError (one line naming the key) for values that cannot work; returns cfg.
+    Types are checked when the file is read (`_coerce`); this checks ranges and combinations."""
+    for ok, message in _model_checks(cfg) + _run_checks(cfg):
         if not ok:
             raise ConfigError(message)
     problems = config_problems(cfg.data.realesrgan)

@@ -26,9 +26,11 @@ class DataError(ValueError):
     """The training data cannot be used (empty or unreadable folder, images smaller than the crop)."""
 
 
-def list_images(folders: list[str]) -> list[str]:
-    """All image files (d3sr_core.image_io.IMAGE_EXTENSIONS) under `folders` (recursive, sorted).
-    Raises DataError for a missing folder or when nothing is found."""
+def list_images(folders: list[str] | str) -> list[str]:
+    """All image files (d3sr_core.image_io.IMAGE_EXTENSIONS) under `folders` (recursive, sorted;
+    one string is one folder). Raises DataError for a missing folder or when nothing is found."""
+    if isinstance(folders, str):
+        folders = [folders]
     paths: list[str] = []
     for folder in folders:
         if not os.path.isdir(folder):

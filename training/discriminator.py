@@ -24,7 +24,8 @@ from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.schedule import alphas_cumprod
 
 from .lora import LoRASet, freeze
-from .model_files import ModelFileError, check_discriminator_file
+from .model_files import ModelFileError, check_model_file
+from .precision import at_least_fp32
 
 log = logging.getLogger("d3sr.train")
 KEPT_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
@@ -66,7 +67,7 @@ def load_sdxl_encoder_half(path: str, device: torch.device | str = "cpu",
     """ComfyUI's UNetModel for the SDXL file `path` with only time/label embeddings, input blocks
     and middle block materialised on `device` (frozen). Raises ModelFileError for a missing file
     or a non-SDXL UNet (e.g. the SD2.1 file)."""
-    config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
+    config = {k: v for k, v in check_model_file(path, "discriminator").items() if not k.startswith("_")}
     unet = encoder_half_on_meta(config)
     unet.to_empty(device=device)
     wanted = _read_tensors(path, lambda k: k.startswith(PREFIX) and k[len(PREFIX):].startswith(KEPT_PREFIXES))
@@ -91,7 +92,7 @@ def sdxl_empty_conditioning(path: str, cache_file: str | None = None) -> tuple[t
             raise ModelFileError(f"SDXL conditioning file '{cache_file}' holds {list(ctx.shape)} / "
                                  f"{list(pooled.shape)}, expected {list(CONTEXT_SHAPE)} / {list(POOLED_SHAPE)}")
         return ctx, pooled
-    if not check_discriminator_file(path)["_has_text_encoder"]:
+    if not check_model_file(path, "discriminator")["_has_text_encoder"]:
         log.warning("the discriminator checkpoint has no text encoders: SDXL's empty-prompt "
                     "conditioning is zeros (set models.sdxl_conditioning_file for the real one)")
         return torch.zeros(CONTEXT_SHAPE), torch.zeros(POOLED_SHAPE)
@@ -109,7 +110,7 @@ def load_sdxl_text_encoders(path: str):
     import comfy.sd
     import comfy.supported_models
     import comfy.utils
-    config = {k: v for k, v in check_discriminator_file(path).items() if not k.startswith("_")}
+    config = {k: v for k, v in check_model_file(path, "discriminator").items() if not k.startswith("_")}
     model_config = comfy.supported_models.SDXL(config)
     sd = _read_tensors(path, lambda k: k.startswith("conditioner.embedders."))
     clip_sd = model_config.process_clip_state_dict(sd)
@@ -144,12 +145,12 @@ def noise_latent(z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating discriminator loss averaged over patches:
     -E log D(real) - E log(1 - D(fake)) = softplus(-real).mean() + softplus(fake).mean()."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+    return F.softplus(-at_least_fp32(real_logits)).mean() + F.softplus(at_least_fp32(fake_logits)).mean()
 
 
 def g_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """-E log D(fake) = softplus(-fake).mean() (non-saturating generator loss)."""
-    return F.softplus(-fake_logits.float()).mean()
+    return F.softplus(-at_least_fp32(fake_logits)).mean()
 
 
 class Discriminator(nn.Module):
@@ -196,7 +197,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """x_t [B, 4, h, w] noised latent, t [B] timesteps, image_size (H, W) pixels ->
-        logits [B, 1, h', w'] (float32)."""
+        logits [B, 1, h', w'] in the head's dtype (float32)."""
         from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
         unet = self.unet
         dtype = next(unet.parameters()).dtype
@@ -210,4 +211,4 @@ class Discriminator(nn.Module):
         for block in unet.input_blocks:
             h = self._block(block, h, emb, ctx)
         h = self._block(unet.middle_block, h, emb, ctx)
-        return self.head(h.float())
+        return self.head(h.to(self.head[0].weight.dtype))

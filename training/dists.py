@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import pretrained
+from .precision import at_least_fp32
 
 __all__ = ["DISTS", "EADISTS", "L2Pool", "VGG16Trunk", "sobel_magnitude"]
 
@@ -52,7 +53,7 @@ class L2Pool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
+            x = at_least_fp32(x)
             channels = x.shape[1]
             weight = self.kernel.expand(channels, 1, 3, 3)
             pooled = F.conv2d(x * x, weight, stride=2, padding=1, groups=channels)
@@ -90,8 +91,9 @@ class VGG16Trunk(nn.Module):
 
 
 def _stage_similarities(fx: torch.Tensor, fy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texture and structure terms, each (B, C), from two (B, C, H, W) feature maps (fp32)."""
-    fx, fy = fx.float(), fy.float()
+    """Texture and structure terms, each (B, C), from two (B, C, H, W) feature maps (in fp32, or
+    fp64 for fp64 maps)."""
+    fx, fy = at_least_fp32(fx), at_least_fp32(fy)
     mx, my = fx.mean(dim=(2, 3)), fy.mean(dim=(2, 3))
     var_x = (fx - mx[..., None, None]).square().mean(dim=(2, 3))
     var_y = (fy - my[..., None, None]).square().mean(dim=(2, 3))
@@ -132,7 +134,7 @@ class DISTS(nn.Module):
         batch = x.shape[0]
         # One trunk pass over both images keeps batch statistics-free layers efficient.
         stages = self.trunk(torch.cat([x, y], dim=0))
-        similarity = x.new_zeros(batch, dtype=torch.float32)
+        similarity = x.new_zeros(batch, dtype=self.alpha.dtype)
         start = 0
         for feats, channels in zip(stages, STAGE_CHANNELS):
             texture, structure = _stage_similarities(feats[:batch], feats[batch:])
@@ -149,10 +151,10 @@ def sobel_magnitude(image: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     grey = mean of R, G, B; Gx = [[-1,0,1],[-2,0,2],[-1,0,1]] (unnormalised), Gy = Gx^T;
     S = sqrt(Gx*grey^2 + Gy*grey^2 + eps), with replicate padding at the borders (kornia's).
     ``eps`` keeps the gradient finite where the image is flat (sqrt(eps) = 1e-6 offset).
-    Always computed in fp32, also under autocast.
+    Always computed in fp32 (fp64 for an fp64 image), also under autocast.
     """
     with torch.autocast(device_type=image.device.type, enabled=False):
-        grey = image.float().mean(dim=1, keepdim=True)
+        grey = at_least_fp32(image).mean(dim=1, keepdim=True)
         return kornia.filters.sobel(grey, normalized=False, eps=eps)
 
 

@@ -11,6 +11,7 @@ Images are BCHW in [0, 1]; latents [B, 4, H/8, W/8].
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ from d3sr_core import pipeline
 from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights
 
-from .lora import LoRASet, freeze
-from .model_files import ModelFileError, check_generator_file
+from .lora import LoRASet, freeze, sub_state
+from .model_files import ModelFileError, check_model_file
+from .precision import at_least_fp32
 
 log = logging.getLogger("d3sr.train")
 
@@ -29,7 +31,7 @@ log = logging.getLogger("d3sr.train")
 def load_generator_models(path: str, dtype: torch.dtype = torch.float32):
     """(ModelPatcher, CLIP or None, VAE) of an SD2.1-base checkpoint via ComfyUI's loader.
     Raises ModelFileError for a missing file or another model family."""
-    check_generator_file(path)
+    check_model_file(path, "generator")
     import comfy.sd
 
     from d3sr_core.model import BASE_MODEL_FIX, BaseModelMismatchError, check_base_model
@@ -123,14 +125,14 @@ class Generator(nn.Module):
         """BCHW [0, 1], sizes a multiple of 8 -> scaled latent [B, 4, H/8, W/8] (posterior mode)."""
         ae = self.autoencoder
         dtype = next(ae.parameters()).dtype
-        z = ae.encode((2.0 * pixels - 1.0).to(dtype)).float()
+        z = at_least_fp32(ae.encode((2.0 * pixels - 1.0).to(dtype)))
         return self.base.process_latent_in(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> BCHW image, (D(z / 0.18215) + 1) / 2, NOT clamped (gradients flow)."""
         ae = self.autoencoder
         dtype = next(ae.parameters()).dtype
-        x = ae.decode(self.base.process_latent_out(z).to(dtype)).float()
+        x = at_least_fp32(ae.decode(self.base.process_latent_out(z).to(dtype)))
         return (x + 1.0) / 2.0
 
     def forward(self, z_l: torch.Tensor) -> torch.Tensor:
@@ -148,12 +150,13 @@ class Generator(nn.Module):
         return sr[..., :out_h, :out_w].clamp(0.0, 1.0)
 
     def export_weights(self, scale: float, training: dict | None = None,
-                       lora_override: dict | None = None,
-                       embedding_override: torch.Tensor | None = None) -> D3SRWeights:
-        """The D3SR weight file contents (d3sr_core.weight_format) for the current parameters
-        (or EMA copies passed as overrides)."""
-        lora = lora_override if lora_override is not None else self.lora.export()
-        emb = embedding_override if embedding_override is not None else self.embedding
+                       state: Mapping[str, torch.Tensor] | None = None) -> D3SRWeights:
+        """The D3SR weight file contents (d3sr_core.weight_format) for the current parameters,
+        or for `state`, tensors keyed as this module's state_dict() (e.g. an EMA copy)."""
+        if state is None:
+            lora, emb = self.lora.export(), self.embedding
+        else:
+            lora, emb = self.lora.export(state=sub_state(state, "lora.")), state["embedding"]
         return D3SRWeights(lora=lora, text_embedding=emb.detach().float().cpu().clone(),
                            timestep=self.timestep, scale=float(scale), lora_rank=self.lora.rank,
                            lora_alpha=self.lora.alpha, training=training)

@@ -15,6 +15,7 @@ The frozen modules are not owned by `LoRASet` (its parameters are only the A/B t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -78,14 +79,24 @@ class LoRASet(nn.Module):
             h.remove()
         self._handles = []
 
-    def export(self, prefix: str = "diffusion_model.") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """{prefix + ldm path: (A, B, alpha)} as detached float32 CPU tensors (D3SRWeights.lora)."""
-        return {prefix + name: (self.lora_A[_key(name)].detach().float().cpu().clone(),
-                                self.lora_B[_key(name)].detach().float().cpu().clone(), self.alpha)
+    def export(self, prefix: str = "diffusion_model.", state: Mapping[str, torch.Tensor] | None = None
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """{prefix + ldm path: (A, B, alpha)} as detached float32 CPU tensors (D3SRWeights.lora),
+        of the live parameters or of `state`, tensors keyed as this module's state_dict() (e.g.
+        an EMA copy)."""
+        state = self.state_dict() if state is None else state
+        return {prefix + name: (state[f"lora_A.{_key(name)}"].detach().float().cpu().clone(),
+                                state[f"lora_B.{_key(name)}"].detach().float().cpu().clone(), self.alpha)
                 for name in self.names}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a parent's state dict that belong to its child `prefix` ("lora."), keyed as
+    the child's own state_dict()."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -9,11 +9,13 @@ large is loaded.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
+from d3sr_core.architectures import FAMILY_BY_CONTEXT, SDXL_ADM_CHANNELS
+
 UNET_PREFIX = "model.diffusion_model."
-FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
 class ModelFileError(ValueError):
@@ -69,33 +71,44 @@ def read_unet_config(path: str, role: str) -> dict:
 def family(config: dict) -> str:
     """'SD1.x', 'SD2.x', 'SDXL' or a description, from a detected UNet config."""
     ctx = config.get("context_dim")
-    if ctx == 2048 and config.get("adm_in_channels") == 2816:
+    if ctx == 2048 and config.get("adm_in_channels") == SDXL_ADM_CHANNELS:
         return "SDXL"
     return FAMILY_BY_CONTEXT.get(ctx, f"an unknown model (context width {ctx})")
 
 
-def check_generator_file(path: str) -> dict:
-    """Raise ModelFileError unless `path` is an SD2.x checkpoint with a VAE (SD2.1-base)."""
-    config = read_unet_config(path, "generator (SD2.1-base)")
+@dataclass(frozen=True)
+class _Role:
+    """What one of the trainer's two model files must be."""
+
+    label: str          # how errors name the file
+    family: str         # the family it must be
+    needs: str          # what D3SR builds from it, for the error
+    other_role: str     # the config key the other family belongs in
+    other_family: str
+    needs_vae: bool
+
+
+ROLES = {
+    "generator": _Role("generator (SD2.1-base)", "SD2.x",
+                       "Stable Diffusion 2.1-base (context width 1024)", "models.discriminator", "SDXL", True),
+    "discriminator": _Role("discriminator (SDXL-base)", "SDXL",
+                           "built from SDXL 1.0-base (context 2048, adm_in_channels 2816)", "models.generator",
+                           "SD2.x", False),
+}
+
+
+def check_model_file(path: str, role: str) -> dict:
+    """Raise ModelFileError unless `path` fits `role`: 'generator' (an SD2.x checkpoint with a
+    VAE, i.e. SD2.1-base) or 'discriminator' (an SDXL-shaped UNet: context 2048, adm 2816).
+    Returns the detected UNet config."""
+    r = ROLES[role]
+    config = read_unet_config(path, r.label)
     fam = family(config)
-    if fam != "SD2.x":
-        hint = (" It looks like the SDXL file: that one belongs in models.discriminator."
-                if fam == "SDXL" else "")
-        raise ModelFileError(f"generator checkpoint '{path}' is {fam}, but D3SR's generator is "
-                             f"Stable Diffusion 2.1-base (context width 1024).{hint}")
-    if not config["_has_vae"]:
-        raise ModelFileError(f"generator checkpoint '{path}' has no VAE (first_stage_model.*); use the "
+    if fam != r.family:
+        hint = (f" It looks like the {'SD2.1' if fam == 'SD2.x' else fam} file: that one belongs in "
+                f"{r.other_role}." if fam == r.other_family else "")
+        raise ModelFileError(f"{role} checkpoint '{path}' is {fam}, but D3SR's {role} is {r.needs}.{hint}")
+    if r.needs_vae and not config["_has_vae"]:
+        raise ModelFileError(f"{role} checkpoint '{path}' has no VAE (first_stage_model.*); use the "
                              "full SD2.1-base checkpoint (v2-1_512-ema-pruned.safetensors).")
-    return config
-
-
-def check_discriminator_file(path: str) -> dict:
-    """Raise ModelFileError unless `path` holds an SDXL-shaped UNet (context 2048, adm 2816)."""
-    config = read_unet_config(path, "discriminator (SDXL-base)")
-    fam = family(config)
-    if fam != "SDXL":
-        hint = (" It looks like the SD2.1 file: that one belongs in models.generator."
-                if fam == "SD2.x" else "")
-        raise ModelFileError(f"discriminator checkpoint '{path}' is {fam}, but D3SR's discriminator is "
-                             f"built from SDXL 1.0-base (context 2048, adm_in_channels 2816).{hint}")
     return config

@@ -2,6 +2,9 @@
 the demo and benchmarks. They have the real architectures' layer names, so ComfyUI's loaders
 detect them (SD2.x: model_channels 320, context 1024, linear transformer proj) and D3SR
 files made for them load exactly like real ones. Their outputs are not meaningful images.
+
+Development scaffolding: nothing the nodes or the trainer run imports this module. ComfyUI must
+be importable first (`d3sr_core.host.import_comfy()`).
 """
 
 from __future__ import annotations
@@ -11,17 +14,9 @@ import os
 
 import torch
 
-from .lora_layers import lora_shapes, lora_target_names
-from .weight_format import EMBEDDING_SHAPE, D3SRWeights, atomic_save_safetensors, write_weights
-
-# SD2.1-base's real UNet (865.9 M parameters).
-SD21_UNET_CONFIG = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-    use_spatial_transformer=True, legacy=False, context_dim=1024, num_head_channels=64,
-    use_linear_in_transformer=True, adm_in_channels=None, use_temporal_attention=False,
-    use_temporal_resblock=False)
+from d3sr_core.architectures import KL_VAE_DDCONFIG, SD21_UNET_CONFIG
+from d3sr_core.lora_layers import lora_shapes, lora_target_names
+from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights, atomic_save_safetensors, write_weights
 
 # A two-level SD2-shaped UNet (37 M parameters) that ComfyUI still detects as SD2.x.
 TINY_SD2_UNET_CONFIG = dict(
@@ -42,11 +37,6 @@ TINY_SD2_3LEVEL_UNET_CONFIG = dict(
 TINY_SDXL_UNET_CONFIG = dict(
     TINY_SD2_UNET_CONFIG, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
     channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
-
-# ComfyUI's fixed config for SD's KL VAE (83.7 M parameters).
-KL_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
-                   "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-                   "attn_resolutions": [], "dropout": 0.0}
 
 
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -135,13 +125,6 @@ def write_demo_files(models_dir: str, seed: int = 0, timestep: int = 399) -> tup
         write_weights(weights_path, random_d3sr_weights(unet, timestep=timestep, seed=seed))
     return ckpt_name, d3sr_name
 
-
-# SDXL 1.0-base's real UNet (2.57 B parameters); the D3SR discriminator uses its input and
-# middle blocks only. For the GPU benchmark (random weights).
-SDXL_UNET_CONFIG = dict(
-    SD21_UNET_CONFIG, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-    transformer_depth_middle=10, context_dim=2048, adm_in_channels=2816, num_classes="sequential")
 
 # A very small SDXL-shaped UNet (context 2048, adm 2816, SDXL layer naming) for fast CPU tests of
 # the discriminator: model_channels 64 instead of 320, so ComfyUI's checkpoint detection does not
