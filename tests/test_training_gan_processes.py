@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, setup):
     proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
+    watchdog = threading.Timer(300, proc.kill)      # the marker never comes: fail, do not hang
+    watchdog.start()
     for line in proc.stdout:           # wait until the checks passed and the models start loading
         seen.append(line)
-        if "loading the models" in line or proc.poll() is not None:
+        if "loading the models" in line:
             break
-    assert proc.poll() is None, "".join(seen)
+    watchdog.cancel()
+    assert proc.poll() is None and "loading the models" in "".join(seen[-1:]), "".join(seen)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
