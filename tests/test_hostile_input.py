@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from d3sr_core import osediff, pipeline, synthetic, tiling, weight_format
+from d3sr_core import osediff, pipeline, tiling, weight_format
 from d3sr_core.model import load_d3sr
 from d3sr_core.upscale import upscale
 from d3sr_core.weight_format import read_weights, write_weights
+from devtools import synthetic
 
 
 @pytest.fixture(scope="module")

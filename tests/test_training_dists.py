@@ -17,6 +17,7 @@ from training.dists import DISTS, EADISTS, sobel_magnitude
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "RealSR"
 PAIRS = ("Canon_001_LR4.png", "Canon_010_LR4.png", "Nikon_020_LR4.png")
+EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7, the float32 step at 1.0
 
 
 def _load(path: Path, crop: int = 256) -> torch.Tensor:
@@ -45,7 +46,9 @@ def test_dists_of_identical_images_is_zero(dists_model, real_pairs):
     with torch.no_grad():
         score = dists_model(outs[:2], outs[:2])
     assert score.shape == (2,)
-    assert score.abs().max().item() < 1e-6
+    # 1 - (a weighted mean of terms that are 1 up to rounding): a few float32 steps of 1.0
+    # (measured: one step, with and without AVX-512).
+    assert score.abs().max().item() <= 8 * EPS32
 
 
 def _reference_dists(monkeypatch) -> torch.nn.Module:
@@ -76,7 +79,9 @@ def test_dists_matches_the_reference_package_on_real_pairs(dists_model, real_pai
         theirs = reference(outs, gts, batch_average=False).reshape(-1)
     assert ours.shape == theirs.shape == (3,)
     assert ours.min().item() > 0.05  # real, clearly different images
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # Two implementations of the same sums in float32: scores in [0, 1] agree to float32 rounding
+    # (measured: 0 with AVX-512, 6e-8 without).
+    torch.testing.assert_close(ours, theirs, atol=64 * EPS32, rtol=0)
 
 
 def test_dists_is_batched_consistently(dists_model, real_pairs):
@@ -84,7 +89,8 @@ def test_dists_is_batched_consistently(dists_model, real_pairs):
     with torch.no_grad():
         batched = dists_model(outs[:2], gts[:2])
         single = torch.cat([dists_model(outs[i : i + 1], gts[i : i + 1]) for i in range(2)])
-    torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
+    # Scores in [0, 1]: batched and single agree to a few float32 steps (measured: identical).
+    torch.testing.assert_close(batched, single, atol=8 * EPS32, rtol=0)
 
 
 def test_dists_under_autocast_stays_close(dists_model, real_pairs):

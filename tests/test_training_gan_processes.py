@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 from test_training_loop import write_config
 
+from d3sr_core.weight_format import read_weights
 from devtools.tiny_setup import prepare_tiny_setup
+from training.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +40,6 @@ def _rows(path: Path) -> int:
 def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup, to_group):
     # to_group: a scheduler (or Ctrl-C in a terminal) signals every process of the job, the
     # DataLoader worker included; the worker must keep serving so the main process can checkpoint.
-    from d3sr_core.weight_format import read_weights
-    from training.checkpoint import list_checkpoints, load_checkpoint
     config = write_config(tmp_path, setup, train={"steps": 10_000},
                           data={"num_workers": 1 if to_group else 0},
                           log={"checkpoint_every": 10_000, "every": 1, "progress": False})
@@ -69,6 +70,32 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup, to_group):
     assert not [p for p in os.listdir(folder) if p.startswith(".tmp-")]
 
 
+def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, setup):
+    # Before the first step there is nothing to save: SIGTERM (as from a scheduler) ends the run
+    # right away with a message (it used to be held back until a first step and checkpoint).
+    config = write_config(tmp_path, setup, train={"steps": 10_000}, log={"progress": False})
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    watchdog = threading.Timer(300, proc.kill)      # the marker never comes: fail, do not hang
+    watchdog.start()
+    for line in proc.stdout:           # wait until the checks passed and the models start loading
+        seen.append(line)
+        if "loading the models" in line:
+            break
+    watchdog.cancel()
+    assert proc.poll() is None and "loading the models" in "".join(seen[-1:]), "".join(seen)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    elapsed = time.time() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + out
+    assert "error: stopped by SIGTERM before the first training step (no checkpoint was written)" in out
+    assert elapsed < 60, elapsed       # at once: not after loading the models and a training step
+    assert list_checkpoints(str(tmp_path / "out" / "checkpoints")) == []
+    assert (tmp_path / "out" / "train.lock").read_text() == ""      # the lock was released
+
+
 def test_torchrun_two_cpu_ranks_stay_in_sync(tmp_path, setup):
     config = write_config(tmp_path, setup, train={"steps": 2, "batch_size": 2},
                           log={"checkpoint_every": 2, "progress": False})
@@ -78,8 +105,8 @@ def test_torchrun_two_cpu_ranks_stay_in_sync(tmp_path, setup):
                            "--master_port", "29531", "-m", "training.train", "--config", config],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "ranks" / "rank0.pt")
-    r1 = torch.load(tmp_path / "ranks" / "rank1.pt")
+    r0 = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ranks" / "rank1.pt", weights_only=True)
     assert r0["step"] == r1["step"] == 2
     for part in ("generator", "discriminator"):
         assert r0[part].keys() == r1[part].keys()

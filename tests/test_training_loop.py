@@ -11,14 +11,24 @@ downloaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from devtools.tiny_setup import prepare_tiny_setup
 from training.config import load_config
-from training.train import Trainer, main, prepare_tiny_setup, train
+from training.loop import train
+from training.train import main
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +147,7 @@ def _losses(log_path: str) -> dict[int, dict]:
         return {row["step"]: row for row in map(json.loads, f)}
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, setup):
+def test_resume_matches_uninterrupted_run(tmp_path, setup, caplog):
     keys = ("loss_d", "loss_g", "loss_mse", "loss_perceptual", "loss_gan", "d_real", "d_fake")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir()
@@ -147,7 +157,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, setup):
     assert train(load_config(write_config(cut_dir, setup, train={"steps": 2}))) == 0
     with open(cut_dir / "out" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "loss_d": 0.')          # a row cut off by a crash: skipped on resume
-    assert train(load_config(write_config(cut_dir, setup)), resume=True) == 0
+    # A newer checkpoint cut off by a full disk: resume skips it, says so, and takes step 2's.
+    ckpts = cut_dir / "out" / "checkpoints"
+    whole = (ckpts / "step-0000002.pt").read_bytes()
+    (ckpts / "step-0000003.pt").write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level(logging.WARNING, logger="d3sr.train"):
+        assert train(load_config(write_config(cut_dir, setup)), resume=True) == 0
+    assert "--resume: skipping step-0000003.pt: checkpoint" in caplog.text and "truncated" in caplog.text
+    assert "resuming from step-0000002.pt, the newest intact checkpoint" in caplog.text
     resumed = _losses(str(cut_dir / "out" / "log.jsonl"))
     assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -189,10 +206,16 @@ def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     assert (plain - ours).abs().max().item() > 1e-3
 
 
-def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys):
+def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys, caplog):
     config = write_config(tmp_path, setup, train={"steps": 2})
-    assert main(["--config", config]) == 0
+    # A lock file left by a run that was killed (its process is gone): taken over, and named.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.lock").write_text(f"pid={dead.stdout.strip()}\nhost={socket.gethostname()}\n")
+    with caplog.at_level(logging.WARNING, logger="d3sr.train"):
+        assert main(["--config", config]) == 0
+    assert f"taking over a stale lock left by pid {dead.stdout.strip()} on host" in caplog.text
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert any(p.name == "step-0000002.pt" for p in before)
     assert main(["--config", config]) == 2
@@ -203,12 +226,15 @@ def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys):
 
 @pytest.mark.parametrize("case", ["missing_generator", "sdxl_as_generator", "sd2_as_discriminator",
                                   "v_prediction_generator", "empty_folder", "small_images", "bad_timestep",
-                                  "indivisible_batch", "eval_without_ground_truth", "eval_wrong_scale"])
+                                  "indivisible_batch", "eval_without_ground_truth", "eval_wrong_scale",
+                                  "output_dir_is_a_file", "output_dir_not_writable", "output_dir_in_use",
+                                  "resume_from_exported_weights", "resume_from_a_checkpoint_that_runs_code"])
 def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypatch):
     from PIL import Image
     models = {"generator": setup["generator"], "discriminator": setup["discriminator"]}
     data = {"folders": [setup["data"]]}
-    extra = {}
+    extra, argv, holder = {}, [], None
+    out = tmp_path / "out"
     expected = {
         "missing_generator": "generator (SD2.1-base) checkpoint not found",
         "sdxl_as_generator": "generator checkpoint",
@@ -220,6 +246,11 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
         "indivisible_batch": "must be divisible by optim.grad_accum",
         "eval_without_ground_truth": "have no ground truth of the same name in",
         "eval_wrong_scale": "LR 10x10 x4 is not the ground truth's 20x20",
+        "output_dir_is_a_file": "is a file, not a folder",
+        "output_dir_not_writable": "is not writable (Not a directory)",
+        "output_dir_in_use": "is in use by another training run (pid ",
+        "resume_from_exported_weights": "that is an exported D3SR weight file",
+        "resume_from_a_checkpoint_that_runs_code": "asks to import posix.mkdir",
     }[case]
     if case == "missing_generator":
         models["generator"] = str(tmp_path / "nope.safetensors")
@@ -254,10 +285,56 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
         if case == "eval_without_ground_truth":
             Image.new("RGB", (10, 10)).save(tmp_path / "lr" / "b.png")
         extra["log"] = {"eval_lr_folder": str(tmp_path / "lr"), "eval_gt_folder": str(tmp_path / "gt")}
+    elif case == "output_dir_is_a_file":
+        out.write_text("not a folder")
+    elif case == "output_dir_not_writable":
+        (tmp_path / "file").write_text("")
+        extra["output_dir"] = str(tmp_path / "file" / "out")        # a folder inside a file
+    elif case == "output_dir_in_use":
+        holder = hold_run_lock(out)
+        expected += f"{holder.pid} on host"
+    elif case == "resume_from_exported_weights":
+        argv = ["--resume", str(tmp_path / "d3sr-latest.safetensors")]
+    elif case == "resume_from_a_checkpoint_that_runs_code":
+        (out / "checkpoints").mkdir(parents=True)
+        torch.save({"step": 2, "generator": {}, "x": RunsCode(str(tmp_path / "code-ran"))},
+                   out / "checkpoints" / "step-0000002.pt")
+        argv = ["--resume"]
     config = write_config(tmp_path, setup, models=models, data=data, **extra)
-    assert main(["--config", config]) == 2
+    try:
+        assert main(["--config", config, *argv]) == 2
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     err = capsys.readouterr().err
     assert expected in err, err
+    assert err.count("\n") == 1, err                        # one line
     if case == "eval_without_ground_truth":
         assert "1 image(s) in" in err and "e.g. ['b']" in err, err
-    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+    if case == "resume_from_a_checkpoint_that_runs_code":
+        assert not (tmp_path / "code-ran").exists()           # refused, not run
+        assert os.listdir(out / "checkpoints") == ["step-0000002.pt"]
+    elif case != "output_dir_not_writable":
+        assert not os.path.exists(out / "checkpoints")
+
+
+class RunsCode:
+    """Pickles as a call of os.mkdir(marker): a full unpickler would make that folder."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def hold_run_lock(folder) -> subprocess.Popen:
+    """Another process holding the training lock on `folder` (as a concurrent run would)."""
+    code = ("import sys, time; from training.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -11,8 +11,11 @@ import pytest
 import torch
 from test_training_loop import fixed_batch, write_config
 
+from devtools import synthetic
+from devtools.tiny_setup import prepare_tiny_setup
 from training.config import load_config
-from training.train import Trainer, prepare_tiny_setup, train
+from training.loop import train
+from training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -46,39 +49,76 @@ def _assert_close(a: dict, b: dict, rtol: float) -> None:
     assert sum(float(v.abs().sum()) for v in a.values()) > 0
 
 
-def _frozen_lr_config(tmp_path, setup, **sections) -> str:
-    """Learning rates 0 and no clipping: the update leaves the raw gradients, weights stay put."""
-    optim = {"lr_generator": 0.0, "lr_discriminator": 0.0, "grad_clip": None, **sections.pop("optim", {})}
-    return write_config(tmp_path, setup, optim=optim, **sections)
+def _frozen_trainer(tmp_path, setup, **sections) -> Trainer:
+    """A trainer whose updates leave the raw gradients and keep the weights: no clipping, and its
+    optimizers' learning rates set to 0 (the config itself refuses a learning rate of 0)."""
+    optim = {"grad_clip": None, **sections.pop("optim", {})}
+    trainer = Trainer(load_config(write_config(tmp_path, setup, optim=optim, **sections)))
+    for opt in (trainer.opt_g, trainer.opt_d):
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    return trainer
 
 
-def test_gradient_accumulation_equals_one_large_batch(tmp_path, setup):
+@pytest.fixture
+def float64(monkeypatch):
+    """Makes trainers compute in float64, so that comparisons of two summation orders (batched and
+    accumulated, recomputed and stored) do not depend on the CPU's vector width: the frozen
+    networks are loaded in float64 (the trainer's precision choice answers float64), and
+    `float64(trainer)` converts the trainable parameters and the perceptual network.
+    float32 remains only where d3sr_core.pipeline.predict_x0 rounds the UNet's input and output
+    (equal values in the two computations compared)."""
+    from comfy.cli_args import args
+
+    import training.trainer
+    monkeypatch.setattr(training.trainer, "precision", lambda cfg, device: (None, torch.float64))
+    # ComfyUI computes SD2's attention scores in float32 ("upcast", for fp16): for float64 queries
+    # that is a downcast. Its --dont-upcast-attention option keeps them in float64.
+    monkeypatch.setattr(args, "dont_upcast_attention", True)
+
+    def convert(trainer: Trainer) -> Trainer:
+        for module in (trainer.G, trainer.D, trainer.perceptual):
+            module.double()
+        assert next(trainer.G.base.diffusion_model.parameters()).dtype == torch.float64
+        return trainer
+    return convert
+
+
+# float64's epsilon is 2.2e-16: even a cancellation that loses 6 digits leaves two summation
+# orders within 1e-9 of a tensor's largest gradient (measured: 1e-14, with and without AVX-512);
+# a missing 1/accum is off by 0.5 of it. (float32 here, on Intel without AVX-512: 7e-5; AMD: 4e-4.)
+F64_RTOL = 1e-9
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, setup, float64):
     # Two micro-batches of 1 with loss / 2 each must give the gradients of one batch of 2 whose
-    # losses are batch means (MSE, EA-DISTS, the patch-mean GAN terms). Tolerance: float32
-    # summation order, 1e-4 of each tensor's largest gradient (a missing 1/accum would be 0.5).
+    # losses are batch means (MSE, EA-DISTS, the patch-mean GAN terms), in float64 (F64_RTOL).
     hr = torch.cat([fixed_batch(1, crop=32), fixed_batch(2, crop=32)])
-    one = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32, "batch_size": 2})))
+    one = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "batch_size": 2}))
     batch = one.prepare(hr, 0)
     one.update([batch])
-    accum = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32, "batch_size": 2},
-                                                  optim={"grad_accum": 2})))
+    accum = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "batch_size": 2}, optim={"grad_accum": 2}))
     assert accum.micro_batch == 1
     accum.update(_split(batch))
-    _assert_close(_grads(one), _grads(accum), 1e-4)
+    g_one, g_accum = _grads(one), _grads(accum)
+    assert all(v.dtype == torch.float64 for v in g_one.values())
+    _assert_close(g_one, g_accum, F64_RTOL)
+    # The check catches a missing 1/accum (the micro-batch gradients summed, not averaged).
+    with pytest.raises(AssertionError):
+        _assert_close(g_one, {k: 2 * v for k, v in g_accum.items()}, F64_RTOL)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, setup):
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, setup, float64):
     hr = fixed_batch(4, crop=32)
-    plain = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32})))
+    plain = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32}))
     batch = plain.prepare(hr, 0)
     m_plain = plain.update([batch])
-    ckpt = Trainer(load_config(_frozen_lr_config(tmp_path, setup,
-                                                 train={"crop": 32, "gradient_checkpointing": True})))
+    ckpt = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "gradient_checkpointing": True}))
     m_ckpt = ckpt.update([batch])
     assert ckpt.D.checkpointing
     for k in ("loss_d", "loss_g", "loss_mse"):
-        assert abs(m_plain[k] - m_ckpt[k]) <= 1e-6 * max(1.0, abs(m_plain[k])), k
-    _assert_close(_grads(plain), _grads(ckpt), 1e-5)
+        assert abs(m_plain[k] - m_ckpt[k]) <= 1e-9 * max(1.0, abs(m_plain[k])), k
+    _assert_close(_grads(plain), _grads(ckpt), F64_RTOL)
 
 
 def _saved_bytes(forward, *args) -> int:
@@ -100,8 +140,7 @@ def test_gradient_checkpointing_frees_activations(tmp_path, setup):
     batch = fixed_batch(4, crop=32)
     kept = {}
     for on in (False, True):
-        trainer = Trainer(load_config(_frozen_lr_config(
-            tmp_path, setup, train={"crop": 32, "gradient_checkpointing": on})))
+        trainer = _frozen_trainer(tmp_path, setup, train={"crop": 32, "gradient_checkpointing": on})
         b = trainer.prepare(batch, 0)
         kept[on] = (_saved_bytes(trainer.G, b["z_l"]),
                     _saved_bytes(trainer.D, b["z_h"], b["t_real"], (32, 32)))
@@ -115,8 +154,7 @@ def test_adversarial_gradient_reaches_g_but_not_d(tmp_path, setup):
     batch = fixed_batch(6, crop=32)
     grads = {}
     for lam in (0.0, 0.5):
-        trainer = Trainer(load_config(_frozen_lr_config(tmp_path, setup, train={"crop": 32},
-                                                        loss={"lambda_gan": lam})))
+        trainer = _frozen_trainer(tmp_path, setup, train={"crop": 32}, loss={"lambda_gan": lam})
         trainer.update([trainer.prepare(batch, 0)])
         grads[lam] = _grads(trainer)
     g_keys = [k for k in grads[0.0] if k.startswith("G.")]
@@ -143,13 +181,17 @@ def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
     decay = 0.8
     trainer = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
                                                train={"ema_decay": decay})))
-    expected = {k: v.clone() for k, v in trainer.G.state_dict().items()}   # e_0 = p_0
+    expected = {k: v.double() for k, v in trainer.G.state_dict().items()}   # e_0 = p_0
     for step in range(3):
         trainer.train_step([fixed_batch(step)])
         for k, v in trainer.G.state_dict().items():                         # e_k = d e_(k-1) + (1-d) p_k
-            expected[k] = decay * expected[k] + (1 - decay) * v
+            expected[k] = decay * expected[k] + (1 - decay) * v.double()
+    # float32 EMA against the formula in float64: each of the 3 updates rounds ~3 times, by at
+    # most half a float32 step of the tensor's largest value each (measured: 1.5 steps).
+    eps = torch.finfo(torch.float32).eps
     for k in expected:
-        assert torch.allclose(trainer.ema[k], expected[k], rtol=0, atol=1e-6), k
+        scale = float(expected[k].abs().max())
+        assert float((trainer.ema[k].double() - expected[k]).abs().max()) <= 8 * eps * scale, k
     weights = trainer.export_weights()
     assert weights.training["ema"] is True
     name = trainer.G.lora.names[0]
@@ -267,7 +309,6 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
     # encoding of "" (D3SR.md), computed here independently through ComfyUI's checkpoint loader.
     import comfy.sd
 
-    from devtools import synthetic
     ckpt = synthetic.write_checkpoint(str(tmp_path / "tiny-sd2-clip.safetensors"), seed=0, text_encoder=True)
     models = {"generator": ckpt, "discriminator": setup["discriminator"]}
     trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
@@ -284,7 +325,6 @@ def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, 
     # seeded weights (rounded to fp16 as stored), fed the tokenizer's "" directly.
     from comfy import sdxl_clip
 
-    from devtools import synthetic
     path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7, text_encoders=True)
     models = {"generator": setup["generator"], "discriminator": path}
     trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
