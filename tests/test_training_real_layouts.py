@@ -12,9 +12,9 @@ from comfy.ldm.modules import attention
 from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+from d3sr_core import architectures
 from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.model import ATTENTION_OVERRIDE_KEY, _fused_attention
-from devtools import synthetic
 from training.discriminator import CONTEXT_SHAPE, Discriminator, encoder_half_on_meta
 from training.generator import _checkpointed
 from training.lora import LoRASet
@@ -44,7 +44,7 @@ def _lora_parameters(modules: dict, names: list[str], rank: int) -> int:
 
 
 def test_generator_lora_on_the_full_sd21_unet():
-    unet = _meta_unet(synthetic.SD21_UNET_CONFIG)
+    unet = _meta_unet(architectures.SD21_UNET_CONFIG)
     assert sum(p.numel() for p in unet.parameters()) == 865_910_724     # SD2.1-base's UNet
     names = lora_target_names(unet)
     modules = dict(unet.named_modules())
@@ -72,7 +72,7 @@ def test_generator_lora_on_the_full_sd21_unet():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_discriminator_on_the_full_sdxl_unet(checkpointing, monkeypatch):
-    config = synthetic.SDXL_UNET_CONFIG
+    config = architectures.SDXL_UNET_CONFIG
     full = _meta_unet(config)
     assert sum(p.numel() for p in full.parameters()) == 2_567_463_684   # SDXL-base's UNet
     unet = encoder_half_on_meta(config)
