@@ -18,11 +18,9 @@ _PACK = os.path.dirname(os.path.abspath(__file__))
 
 def _register_model_folder() -> None:
     """models/d3sr/ with the usual model extensions; extra_model_paths.yaml may add paths."""
+    from .d3sr_core.comfy_internals import register_model_folder
     default = os.path.join(folder_paths.models_dir, "d3sr")
-    paths, _ = folder_paths.folder_names_and_paths.get("d3sr", ([], set()))
-    if default not in paths:
-        paths = [default, *paths]
-    folder_paths.folder_names_and_paths["d3sr"] = (paths, set(folder_paths.supported_pt_extensions))
+    register_model_folder("d3sr", default)
     try:
         os.makedirs(default, exist_ok=True)
     except OSError:  # a read-only models folder is fine: the list is then just empty

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
+from . import comfy_internals
+
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,11 +33,7 @@ def import_comfy(cpu: bool | None = None) -> str:
     root = find_comfyui()
     if root not in sys.path:
         sys.path.insert(0, root)
-    if "comfy.model_management" not in sys.modules:
-        import torch
-        from comfy.cli_args import args
-        if cpu is None:
-            cpu = not torch.cuda.is_available()
-        args.cpu = bool(cpu)
-        args.disable_api_nodes = True
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    comfy_internals.set_device_options(cpu)
     return root

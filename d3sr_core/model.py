@@ -3,16 +3,15 @@ and the `D3SRModel` bundle the upscaler nodes consume."""
 
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import comfy.lora
-import comfy.model_base
 import comfy.model_patcher
 import comfy.sd
 import torch
 
+from . import comfy_internals as ci
 from .architectures import FAMILY_BY_CONTEXT
 from .checks import check_strength
 from .schedule import alphas_cumprod
@@ -57,37 +56,35 @@ BASE_MODEL_FIX = ("Load Stable Diffusion 2.1-base (v2-1_512-ema-pruned.safetenso
 def check_base_model(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE) -> None:
     """Raise BaseModelMismatchError unless `model` is an epsilon SD2.x UNet and `vae` SD's KL VAE."""
     base = model.model
-    unet_config = getattr(base.model_config, "unet_config", {}) if hasattr(base, "model_config") else {}
-    context = unet_config.get("context_dim")
+    context = ci.unet_config(base).get("context_dim")
     if context != EMBEDDING_SHAPE[2]:
         family = (f"an {FAMILY_BY_CONTEXT[context]} model" if context in FAMILY_BY_CONTEXT
                   else f"a model with context width {context}")
         raise BaseModelMismatchError(
             f"D3SR needs SD2.1-base (context width 1024) but the connected MODEL is {family} "
-            f"({type(base.model_config).__name__}). {BASE_MODEL_FIX}")
-    if base.model_type != comfy.model_base.ModelType.EPS:
+            f"({ci.model_config_name(base)}). {BASE_MODEL_FIX}")
+    prediction = ci.prediction_type(base)
+    if prediction != "EPS":
         raise BaseModelMismatchError(
             f"D3SR needs the epsilon-prediction SD2.1-base, but the connected MODEL predicts "
-            f"{base.model_type.name} (SD2.1-768 'v' models do not work). {BASE_MODEL_FIX}")
+            f"{prediction} (SD2.1-768 'v' models do not work). {BASE_MODEL_FIX}")
     _check_model_sampling(model)
-    if getattr(vae, "latent_channels", None) != 4 or getattr(vae, "latent_dim", 2) != 2:
+    channels, dims = ci.vae_latent_format(vae)
+    if channels != 4 or dims != 2:
         raise BaseModelMismatchError(
             "D3SR needs SD's 4-channel image VAE, but the connected VAE has "
-            f"{getattr(vae, 'latent_channels', '?')} latent channels. Connect the VAE output of the "
-            "same SD2.1-base checkpoint.")
+            f"{channels} latent channels. Connect the VAE output of the same SD2.1-base checkpoint.")
 
 
 def _check_model_sampling(model: comfy.model_patcher.ModelPatcher) -> None:
     """The MODEL's sampling object (which a ModelSamplingDiscrete node upstream may replace) must
     be epsilon prediction on SD's scaled-linear schedule: the one step assumes both."""
-    import comfy.model_sampling as ms
     sampling = model.get_model_object("model_sampling")
-    kind = type(sampling).calculate_denoised
-    if kind is not ms.EPS.calculate_denoised:
+    if not ci.sampling_predicts_epsilon(sampling):
         raise BaseModelMismatchError(
             f"D3SR needs epsilon prediction, but the connected MODEL's sampling is {type(sampling).__name__} "
             "(a 'ModelSampling...' node upstream?). Connect the checkpoint loader's MODEL directly.")
-    sigmas = getattr(sampling, "sigmas", None)
+    sigmas = ci.sampling_sigmas(sampling)
     expected = ((1 - alphas_cumprod()) / alphas_cumprod()).sqrt().float()
     if sigmas is None or sigmas.shape != expected.shape or not torch.allclose(
             sigmas.detach().float().cpu(), expected, rtol=1e-4, atol=0):
@@ -97,26 +94,46 @@ def _check_model_sampling(model: comfy.model_patcher.ModelPatcher) -> None:
             "node?). Connect the checkpoint loader's MODEL directly.")
 
 
+def _fitting_layers(layers: dict, state: dict, target_of: Callable[[str], str | None],
+                    fits: Callable[[torch.Size, torch.Size], bool], label: str
+                    ) -> tuple[dict[str, str], list[tuple[str, str | None]]]:
+    """Match LoRA `layers` {name: (A, B, alpha)} to the weights of `state`.
+
+    Returns (name -> weight key for the layers that fit, [(name, why)] for the others in file
+    order, why None when no weight of that name exists, else "(file [..], <label> [..])")."""
+    to_load, misfits = {}, []
+    for name, (a, b, _alpha) in layers.items():
+        target = target_of(name)
+        expected = torch.Size((b.shape[0], a.shape[1], *a.shape[2:]))
+        if target is None or target not in state:
+            misfits.append((name, None))
+        elif not fits(state[target].shape, expected):
+            misfits.append((name, f"(file {list(expected)}, {label} {list(state[target].shape)})"))
+        else:
+            to_load[name] = target
+    return to_load, misfits
+
+
+def _counted_patches(state_dict: dict, to_load: dict[str, str], what: str) -> dict:
+    """ComfyUI's patches for `to_load`; BaseModelMismatchError unless it read every layer."""
+    patches = ci.lora_patches(state_dict, to_load)
+    if len(patches) != len(to_load):
+        raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} {what} layers; "
+                                     "the file may use an unsupported LoRA layout.")
+    return patches
+
+
 def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) -> dict:
     """Map the file's LoRA layers onto the model's weights with ComfyUI's own key map.
 
     Every layer must map to a weight of a matching shape; otherwise BaseModelMismatchError
     counts and names the layers that do not (a partial LoRA is never applied).
     """
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    state = model.model.state_dict()
-    unmapped, misshaped = [], []
-    to_load = {}
-    for name, (a, b, _alpha) in weights.lora.items():
-        target = key_map.get(name)
-        if target is None or target not in state:
-            unmapped.append(name)
-            continue
-        expected = (b.shape[0], a.shape[1], *a.shape[2:])
-        if tuple(state[target].shape) != expected:
-            misshaped.append(f"{name} (file {list(expected)}, model {list(state[target].shape)})")
-            continue
-        to_load[name] = target
+    key_map = ci.unet_lora_key_map(model.model)
+    to_load, misfits = _fitting_layers(weights.lora, model.model.state_dict(), key_map.get,
+                                       lambda have, want: have == want, "model")
+    unmapped = [name for name, why in misfits if why is None]
+    misshaped = [f"{name} {why}" for name, why in misfits if why is not None]
     if unmapped or misshaped:
         parts = []
         if unmapped:
@@ -126,76 +143,45 @@ def lora_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) 
             parts.append(f"{len(misshaped)} have the wrong shape (e.g. {'; '.join(misshaped[:2])})")
         raise BaseModelMismatchError("The weight file does not fit the connected model: "
                                      + "; ".join(parts) + f". {BASE_MODEL_FIX}")
-    patches = comfy.lora.load_lora(weights.lora_state_dict(), to_load, log_missing=False)
-    if len(patches) != len(to_load):
-        raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} LoRA layers; "
-                                     "the file may use an unsupported LoRA layout.")
-    return patches
+    return _counted_patches(weights.lora_state_dict(), to_load, "LoRA")
 
 
 def full_weight_patches(model: comfy.model_patcher.ModelPatcher, weights: D3SRWeights) -> dict:
     """Full replacement weights (extension full_weights) as "diff" patches against the connected
     model's unpatched weights, so the strength scales them like the LoRA (1.0 = replacement)."""
     state = model.model.state_dict()
-    patches, problems = {}, []
+    fitting, problems = [], []
     for key, new in weights.full_weights.items():
         if key not in state:
             problems.append(f"{key} (no such weight)")
         elif tuple(state[key].shape) != tuple(new.shape):
             problems.append(f"{key} (file {list(new.shape)}, model {list(state[key].shape)})")
         else:
-            backup = getattr(model, "backup", {}).get(key)   # the unpatched weight, if patched now
-            base = backup.weight if backup is not None else state[key]
-            patches[key] = ("diff", (new.float() - base.float().cpu(),))
+            fitting.append(key)
     if problems:
         raise BaseModelMismatchError(f"{len(problems)} of {len(weights.full_weights)} full weights do "
                                      f"not fit the connected model (e.g. {'; '.join(problems[:2])}). {BASE_MODEL_FIX}")
-    return patches
+    base = ci.unpatched_weights(model, fitting)   # without patches applied right now, if any
+    return {key: ("diff", (weights.full_weights[key].float() - base[key].float().cpu(),)) for key in fitting}
 
 
 def vae_lora_patches(vae: comfy.sd.VAE, weights: D3SRWeights) -> dict:
     """Map the file's VAE LoRA (`vae.<first_stage_model path>`) onto the VAE's weights.
     Every layer must exist with a matching shape, else BaseModelMismatchError."""
-    state = vae.patcher.model.state_dict()
-    to_load, problems = {}, []
-    for name, (a, b, _alpha) in weights.vae_lora.items():
-        target = name[len("vae."):] + ".weight"
-        expected = (b.shape[0], a.shape[1], *a.shape[2:])
-        if target not in state:
-            problems.append(f"{name} (no such layer)")
-        elif state[target].numel() != torch.Size(expected).numel() or \
-                state[target].shape[:2] != torch.Size(expected[:2]):
-            problems.append(f"{name} (file {list(expected)}, VAE {list(state[target].shape)})")
-        else:
-            to_load[name] = target
-    if problems:
+    to_load, misfits = _fitting_layers(
+        weights.vae_lora, ci.vae_autoencoder(vae).state_dict(),
+        lambda name: name[len("vae."):] + ".weight",
+        lambda have, want: have.numel() == want.numel() and have[:2] == want[:2], "VAE")
+    if misfits:
+        problems = [f"{name} {why or '(no such layer)'}" for name, why in misfits]
         raise BaseModelMismatchError(f"{len(problems)} of {len(weights.vae_lora)} VAE LoRA layers do "
                                      f"not fit the connected VAE (e.g. {'; '.join(problems[:2])}). {BASE_MODEL_FIX}")
-    patches = comfy.lora.load_lora(weights.vae_lora_state_dict(), to_load, log_missing=False)
-    if len(patches) != len(to_load):
-        raise BaseModelMismatchError(f"ComfyUI accepted {len(patches)} of {len(to_load)} VAE LoRA "
-                                     "layers; the file may use an unsupported LoRA layout.")
-    return patches
+    return _counted_patches(weights.vae_lora_state_dict(), to_load, "VAE LoRA")
 
 
-def patched_vae_clone(vae: comfy.sd.VAE, patches: dict, strength: float = 1.0) -> comfy.sd.VAE:
-    """A VAE sharing `vae`'s modules but with its own patcher clone carrying `patches`: ComfyUI
-    swaps the patches in and out when either is loaded, so the user's VAE stays untouched."""
-    clone = vae.clone() if hasattr(vae, "clone") else copy.copy(vae)
-    if clone.patcher is vae.patcher:
-        clone.patcher = vae.patcher.clone()
-    clone.patcher.add_patches(patches, strength)
-    return clone
-
-
-ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
-
-
-def _fused_attention(func, *args, **kwargs):
-    """ComfyUI attention override: PyTorch's scaled_dot_product_attention in place of `func`
-    (same arguments; softmax(Q K^T / sqrt(d)) V either way)."""
-    from comfy.ldm.modules import attention
-    return attention.attention_pytorch(*args, **kwargs)
+patched_vae_clone = ci.patched_vae_clone    # re-exported: the loader's VAE copy
+ATTENTION_OVERRIDE_KEY = ci.ATTENTION_OVERRIDE_KEY
+_fused_attention = ci.fused_attention       # the override the D3SR clone's attention goes through
 
 
 def prefer_fused_cpu_attention(patcher: comfy.model_patcher.ModelPatcher) -> bool:
@@ -206,18 +192,10 @@ def prefer_fused_cpu_attention(patcher: comfy.model_patcher.ModelPatcher) -> boo
     D3SR clone `patcher` through it via ComfyUI's per-model `optimized_attention_override`
     (ComfyUI versions without that hook ignore it). The user's MODEL, explicit attention flags,
     GPUs and an override someone else set are left alone. Returns True when it was set."""
-    from comfy.cli_args import args
-    from comfy.ldm.modules import attention
-    explicit = any(getattr(args, flag, False) for flag in (
-        "use_split_cross_attention", "use_quad_cross_attention", "use_sage_attention", "use_flash_attention"))
-    default_cpu = patcher.load_device.type == "cpu" and attention.optimized_attention is attention.attention_sub_quad
-    if explicit or not default_cpu:
+    if ci.attention_flag_given() or patcher.load_device.type != "cpu" \
+            or not ci.default_attention_is_sub_quadratic():
         return False
-    options = patcher.model_options.setdefault("transformer_options", {})
-    if ATTENTION_OVERRIDE_KEY in options:
-        return False
-    options[ATTENTION_OVERRIDE_KEY] = _fused_attention
-    return True
+    return ci.set_attention_override(patcher, ci.fused_attention)
 
 
 def load_d3sr(model: comfy.model_patcher.ModelPatcher, vae: comfy.sd.VAE, path: str,

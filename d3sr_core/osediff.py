@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import comfy_internals
+from .architectures import KL_VAE_DDCONFIG, SD21_UNET_CONFIG
 from .weight_format import (
     EMBEDDING_SHAPE,
     LORA_PREFIX,
@@ -198,29 +200,20 @@ def read_osediff_pickle(path: str) -> dict:
 def expected_shapes(unet_config: dict) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
     """Parameter shapes of ComfyUI's UNet for `unet_config` and of SD's KL VAE, by ldm name
     (built on the meta device: no memory, well under a second)."""
-    import comfy.ops
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    from .architectures import KL_VAE_DDCONFIG
-    with torch.device("meta"):
-        unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init)
-        vae = AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4)
+    unet = comfy_internals.build_unet(unet_config, device="meta")
+    vae = comfy_internals.build_kl_vae(KL_VAE_DDCONFIG, device="meta")
     return ({k: v.shape for k, v in unet.state_dict().items()},
             {k: v.shape for k, v in vae.state_dict().items()})
 
 
 def unet_name_map(unet_config: dict) -> dict[str, str]:
     """diffusers UNet parameter name -> ldm name, from ComfyUI's own map."""
-    import comfy.utils
-    return comfy.utils.unet_to_diffusers(unet_config)
+    return comfy_internals.unet_diffusers_to_ldm(unet_config)
 
 
 def vae_name_map(diffusers_names: list[str]) -> dict[str, str]:
     """diffusers VAE parameter names -> ldm names, through ComfyUI's own VAE conversion."""
-    import comfy.diffusers_convert
-    convert = comfy.diffusers_convert.convert_vae_state_dict
-    return {n: next(iter(convert({n: torch.empty(0)}))) for n in diffusers_names}
+    return comfy_internals.vae_diffusers_to_ldm(diffusers_names)
 
 
 def _lora_pairs(state: dict[str, torch.Tensor], report: ConversionReport
@@ -310,7 +303,6 @@ def convert_osediff(raw: dict, unet_config: dict | None = None, name: str = "ose
     strict: raise OSEDiffFormatError when any tensor is not applied or a listed module lacks
     tensors (the report lists them); otherwise return the report for the caller to show.
     """
-    from .architectures import SD21_UNET_CONFIG
     unet_config = unet_config or SD21_UNET_CONFIG
     report = ConversionReport()
     unet_shapes, vae_shapes = expected_shapes(unet_config)
@@ -373,20 +365,18 @@ def literal_tokens(clip, text: str) -> dict:
     only the first. So the text goes straight to the Hugging Face CLIP tokenizer that ComfyUI's
     SD tokenizer holds, and the start / end / pad tokens are ComfyUI's own for the model.
     """
-    outer = clip.tokenizer
-    name = getattr(outer, "clip_name", None)
-    inner = getattr(outer, getattr(outer, "clip", ""), None)
-    hf = getattr(inner, "tokenizer", None)
-    if name is None or hf is None or getattr(inner, "start_token", None) is None:
-        raise ValueError(f"The connected CLIP's tokenizer ({type(outer).__name__}) is not Stable "
-                         "Diffusion's CLIP tokenizer. Connect the CLIP output of the SD2.1-base checkpoint.")
+    tok = comfy_internals.clip_tokenizer(clip)
+    if tok is None:
+        raise ValueError(f"The connected CLIP's tokenizer ({type(getattr(clip, 'tokenizer', None)).__name__}) "
+                         "is not Stable Diffusion's CLIP tokenizer. Connect the CLIP output of the "
+                         "SD2.1-base checkpoint.")
     length = EMBEDDING_SHAPE[1]
-    words = hf(text, max_length=length, truncation=True)["input_ids"][inner.tokens_start:]
-    if inner.tokenizer_adds_end_token:
+    words = tok.hf(text, max_length=length, truncation=True)["input_ids"][tok.tokens_start:]
+    if tok.adds_end:
         words = words[:-1]
-    ids = [inner.start_token, *words[: length - 2], inner.end_token]
-    ids += [inner.pad_token] * (length - len(ids))
-    return {name: [[(t, 1.0) for t in ids]]}
+    ids = [tok.start, *words[: length - 2], tok.end]
+    ids += [tok.pad] * (length - len(ids))
+    return {tok.name: [[(t, 1.0) for t in ids]]}
 
 
 def prompt_embedding(clip, text: str) -> torch.Tensor:
@@ -417,7 +407,7 @@ def load_osediff(model, vae, path: str, clip=None, prompt: str = "", strength: f
     check_base_model(model, vae)
     if is_pickle_file(path):
         raw = read_osediff_pickle(path)
-        weights, _report = convert_osediff(raw, model.model.model_config.unet_config, name=name)
+        weights, _report = convert_osediff(raw, comfy_internals.unet_config(model.model), name=name)
     else:
         weights = read_weights(path)
     if clip is not None:
@@ -451,7 +441,7 @@ def convert_file(src: str, dst: str, force: bool = False, checkpoint: str | None
         import comfy.sd
         model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(
             checkpoint, output_vae=False, output_clip=True)
-        unet_config = model.model.model_config.unet_config
+        unet_config = comfy_internals.unet_config(model.model)
     if checkpoint and clip is None and prompt:
         raise ValueError(f"'{checkpoint}' has no text encoder, so the prompt cannot be encoded: give the "
                          "full SD2.1-base checkpoint (v2-1_512-ema-pruned.safetensors) or leave out --prompt")

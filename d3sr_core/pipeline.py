@@ -5,7 +5,9 @@
   z_L = 0.18215 * E(x_L)                      (posterior mode)
   z_H = (z_L - sqrt(1 - abar) * eps(z_L, T_L, c)) / sqrt(abar)
   x_H = D(z_H / 0.18215)
-`predict_x0` is the single UNet step that the plain, tiled and training paths all call.
+`predict_x0` is the single UNet step that the plain, tiled and training paths all call; the
+trainer's VAE steps are `autoencoder_encode / autoencoder_decode` (the same maths on the bare
+autoencoder, without ComfyUI's memory management, the decode not clamped).
 The UNet runs on latents of any size: ComfyUI's UNet upsamples each level to the shape of its
 skip connection, so only the VAE's factor 8 is padded (padding to the UNet's 64 px would feed
 made-up content into its global attention and change the picture).
@@ -24,6 +26,7 @@ import comfy.model_management as mm
 import torch
 import torch.nn.functional as F
 
+from . import comfy_internals
 from .checks import MAX_FACTOR as MAX_FACTOR  # re-exported: the nodes' and tiling's limit
 from .colour_fix import apply_colour_fix
 from .model import D3SRModel
@@ -64,7 +67,7 @@ def pixel_multiple(base_model: torch.nn.Module) -> int:
     """8 for the VAE times the UNet's downsampling (64 px on SD2.1). Images are NOT padded to
     it (only to VAE_MULTIPLE); the tiled path starts its UNet tiles on multiples of it, so each
     tile's downsampling grid lines up with the whole image's."""
-    mult = base_model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4))
+    mult = comfy_internals.unet_config(base_model).get("channel_mult", (1, 2, 4, 4))
     return 8 * 2 ** (len(mult) - 1)
 
 
@@ -177,6 +180,25 @@ def encode_latent(d3sr: D3SRModel, pixels: torch.Tensor) -> torch.Tensor:
 def decode_latent(d3sr: D3SRModel, z: torch.Tensor) -> torch.Tensor:
     """Scaled latent [B, 4, h, w] -> BCHW [0, 1] at 8x the size."""
     return d3sr.vae.decode(d3sr.model.model.process_latent_out(z)).movedim(-1, 1)
+
+
+def autoencoder_encode(autoencoder: torch.nn.Module, base_model: torch.nn.Module,
+                       pixels: torch.Tensor) -> torch.Tensor:
+    """encode_latent on the bare autoencoder (comfy_internals.vae_autoencoder) where the caller
+    has placed it, in its dtype, with no memory management: BCHW [0, 1], sizes a multiple of 8
+    -> scaled latent [B, 4, H/8, W/8] (posterior mode), float32 or float64. The trainer's encode."""
+    dtype = next(autoencoder.parameters()).dtype
+    z = autoencoder.encode((2.0 * pixels - 1.0).to(dtype))
+    return base_model.process_latent_in(z if z.dtype == torch.float64 else z.float())
+
+
+def autoencoder_decode(autoencoder: torch.nn.Module, base_model: torch.nn.Module,
+                       z: torch.Tensor) -> torch.Tensor:
+    """decode_latent on the bare autoencoder, NOT clamped so that gradients flow (the trainer's
+    decode): scaled latent [B, 4, h, w] -> BCHW (D(z / 0.18215) + 1) / 2, float32 or float64."""
+    dtype = next(autoencoder.parameters()).dtype
+    x = autoencoder.decode(base_model.process_latent_out(z).to(dtype))
+    return ((x if x.dtype == torch.float64 else x.float()) + 1.0) / 2.0
 
 
 def denoise_latent(d3sr: D3SRModel, z: torch.Tensor) -> torch.Tensor:

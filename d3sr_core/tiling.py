@@ -28,7 +28,7 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from . import pipeline
+from . import comfy_internals, pipeline
 from .checks import check_factor
 from .colour_fix import COLOUR_FIXES, WAVELET_LEVELS, channel_stats, low_frequency, truncate_8bit
 from .model import D3SRModel
@@ -315,7 +315,7 @@ def auto_vae_tile(d3sr: D3SRModel) -> int:
         return VAE_TILE_CPU
     free = mm.get_free_memory(device)
     for px in (VAE_TILE_MAX, 768, 512, 384, 256):
-        if d3sr.vae.memory_used_decode([1, 4, px // 8, px // 8], d3sr.vae.vae_dtype) <= 0.5 * free:
+        if comfy_internals.vae_decode_memory(d3sr.vae, [1, 4, px // 8, px // 8]) <= 0.5 * free:
             return px
     return 256
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3sr_core import comfy_internals
 from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.schedule import alphas_cumprod
 
@@ -50,14 +51,7 @@ def encoder_half_on_meta(config: dict) -> nn.Module:
     """ComfyUI's UNetModel for the UNet `config` on the meta device with its output blocks and
     `out` removed (time/label embeddings, input blocks and middle block kept)."""
     config = dict(config, num_heads=-1, num_head_channels=64)  # ComfyUI's SD-family default (SDXL: 64)
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    with torch.device("meta"):
-        unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
-    del unet.output_blocks
-    del unet.out
-    if hasattr(unet, "id_predictor"):
-        del unet.id_predictor
+    unet = comfy_internals.drop_unet_decoder(comfy_internals.build_unet(config, device="meta"))
     unet.config = config
     return unet
 
@@ -107,19 +101,13 @@ def load_sdxl_text_encoders(path: str):
     text-encoder tensors. It goes through ComfyUI's SDXL model config (key conversion, CLIP
     target) as its checkpoint loader does, but with the UNet layout from our own check, so any
     SDXL-shaped file works, not only those ComfyUI's UNet detection knows."""
-    import comfy.sd
-    import comfy.supported_models
-    import comfy.utils
     config = {k: v for k, v in check_model_file(path, "discriminator").items() if not k.startswith("_")}
-    model_config = comfy.supported_models.SDXL(config)
     sd = _read_tensors(path, lambda k: k.startswith("conditioner.embedders."))
-    clip_sd = model_config.process_clip_state_dict(sd)
-    if not clip_sd:
+    loaded = comfy_internals.sdxl_text_encoders(config, sd)
+    if loaded is None:
         raise ModelFileError(f"discriminator checkpoint '{path}' has no SDXL text encoders "
                              "(conditioner.embedders.0/1)")
-    clip = comfy.sd.CLIP(model_config.clip_target(state_dict=clip_sd), tokenizer_data=clip_sd,
-                         parameters=comfy.utils.calculate_parameters(clip_sd))
-    missing, _unexpected = clip.load_sd(clip_sd, full_model=True)
+    clip, missing = loaded
     missing = [k for k in missing if ".logit_scale" not in k and ".text_projection.weight" not in k]
     if missing:
         raise ModelFileError(f"discriminator checkpoint '{path}': {len(missing)} text-encoder tensors are "
@@ -130,9 +118,7 @@ def load_sdxl_text_encoders(path: str):
 def size_conditioning(pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """SDXL's adm vector [1, 2816]: pooled [1, 1280] + sinusoidal(256) of
     (height, width, crop_top 0, crop_left 0, target height, target width), in pixels."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
-    embed = Timestep(256)
-    parts = [embed(torch.tensor([float(v)])) for v in (height, width, 0, 0, height, width)]
+    parts = [comfy_internals.sinusoidal_embedding(v, 256) for v in (height, width, 0, 0, height, width)]
     return torch.cat([pooled.float().reshape(1, -1), torch.flatten(torch.cat(parts)).unsqueeze(0)], dim=1)
 
 
@@ -163,8 +149,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self._frozen = {"unet": unet}
         self.lora = LoRASet(unet, lora_target_names(unet), rank, alpha, seed)
-        channels = unet.middle_block[-1].out_channels if hasattr(unet.middle_block[-1], "out_channels") \
-            else unet.model_channels * unet.channel_mult[-1] if hasattr(unet, "channel_mult") else None
+        channels = comfy_internals.encoder_channels(unet)
         if channels is None:
             raise ValueError("cannot tell the middle block's channel count")
         hidden = head_channels or channels
@@ -192,20 +177,18 @@ class Discriminator(nn.Module):
 
     def _block(self, block: nn.Module, h, emb, ctx):
         if self.checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, h, emb, ctx, {}, use_reentrant=False)
-        return block(h, emb, ctx, {})
+            return torch.utils.checkpoint.checkpoint(comfy_internals.run_block, block, h, emb, ctx,
+                                                     use_reentrant=False)
+        return comfy_internals.run_block(block, h, emb, ctx)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """x_t [B, 4, h, w] noised latent, t [B] timesteps, image_size (H, W) pixels ->
         logits [B, 1, h', w'] in the head's dtype (float32)."""
-        from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
         unet = self.unet
         dtype = next(unet.parameters()).dtype
         b = x_t.shape[0]
-        t_emb = timestep_embedding(t.float(), unet.model_channels, repeat_only=False).to(dtype)
-        emb = unet.time_embed(t_emb)
         y = self.adm(*image_size).expand(b, -1).to(dtype)
-        emb = emb + unet.label_emb(y)
+        emb = comfy_internals.unet_embedding(unet, t, y, dtype)
         ctx = self.context.to(dtype).expand(b, -1, -1)
         h = x_t.to(dtype)
         for block in unet.input_blocks:

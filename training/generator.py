@@ -5,6 +5,8 @@ trains is what `D3SRUpscale` computes after export:
     z_L = 0.18215 * E(2 x_L - 1)          (posterior mode; frozen encoder, no gradient)
     z_H = predict_x0(unet + LoRA, z_L, T_L, embedding)
     x_H = (D(z_H / 0.18215) + 1) / 2      (frozen decoder; gradients flow through it)
+The encoder and decoder steps are `pipeline.autoencoder_encode / autoencoder_decode`: the nodes'
+VAE maths on the bare autoencoder, which the trainer places itself.
 Images are BCHW in [0, 1]; latents [B, 4, H/8, W/8].
 """
 
@@ -17,13 +19,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from d3sr_core import pipeline
+from d3sr_core import comfy_internals, pipeline
 from d3sr_core.lora_layers import lora_target_names
 from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights
 
 from .lora import LoRASet, freeze, sub_state
 from .model_files import ModelFileError, check_model_file
-from .precision import at_least_fp32
 
 log = logging.getLogger("d3sr.train")
 
@@ -71,8 +72,8 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
 
 def _checkpointed(module: nn.Module) -> None:
     """Recompute `module`'s activations in backward (non-reentrant checkpointing). Wraps the
-    module's own forward, so it must be a module its parent calls (ComfyUI's UNet calls the
-    children of each TimestepEmbedSequential, never the sequential's forward)."""
+    module's own forward, so it must be a module its parent calls, such as the layers of
+    comfy_internals.unet_block_layers."""
     forward = module.forward
 
     def wrapped(*args, **kwargs):
@@ -91,7 +92,7 @@ class Generator(nn.Module):
         super().__init__()
         if not 1 <= int(timestep) <= 999:
             raise ValueError(f"T_L must be in 1..999, got {timestep}")
-        self._frozen = {"base": freeze(patcher.model), "vae": freeze(vae.first_stage_model),
+        self._frozen = {"base": freeze(patcher.model), "vae": freeze(comfy_internals.vae_autoencoder(vae)),
                         "patcher": patcher, "vae_wrapper": vae}
         unet = patcher.model.diffusion_model
         self.lora = LoRASet(unet, lora_target_names(unet), rank, alpha, seed)
@@ -99,9 +100,8 @@ class Generator(nn.Module):
         self.timestep = int(timestep)
         self.multiple = pipeline.VAE_MULTIPLE
         if gradient_checkpointing:
-            for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-                for layer in block:
-                    _checkpointed(layer)
+            for layer in comfy_internals.unet_block_layers(unet):
+                _checkpointed(layer)
 
     @property
     def base(self):
@@ -123,17 +123,11 @@ class Generator(nn.Module):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """BCHW [0, 1], sizes a multiple of 8 -> scaled latent [B, 4, H/8, W/8] (posterior mode)."""
-        ae = self.autoencoder
-        dtype = next(ae.parameters()).dtype
-        z = at_least_fp32(ae.encode((2.0 * pixels - 1.0).to(dtype)))
-        return self.base.process_latent_in(z)
+        return pipeline.autoencoder_encode(self.autoencoder, self.base, pixels)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> BCHW image, (D(z / 0.18215) + 1) / 2, NOT clamped (gradients flow)."""
-        ae = self.autoencoder
-        dtype = next(ae.parameters()).dtype
-        x = at_least_fp32(ae.decode(self.base.process_latent_out(z).to(dtype)))
-        return (x + 1.0) / 2.0
+        return pipeline.autoencoder_decode(self.autoencoder, self.base, z)
 
     def forward(self, z_l: torch.Tensor) -> torch.Tensor:
         """z_L [B, 4, h, w] -> z_H [B, 4, h, w] through pipeline.predict_x0 (the nodes' step)."""

@@ -1,6 +1,6 @@
 """Checking the user's model files before training: which family a checkpoint's UNet is.
 
-ComfyUI's own detection (`comfy.model_detection.detect_unet_config`) reads the UNet's shape
+ComfyUI's own detection (`comfy_internals.detect_unet_config`) reads the UNet's shape
 from the checkpoint's tensor names and shapes; here it runs on a shapes-only view (safetensors
 headers, no weights read) so that a wrong file is reported in milliseconds, before anything
 large is loaded.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from d3sr_core import comfy_internals
 from d3sr_core.architectures import FAMILY_BY_CONTEXT, SDXL_ADM_CHANNELS
 
 UNET_PREFIX = "model.diffusion_model."
@@ -51,12 +52,11 @@ def read_unet_config(path: str, role: str) -> dict:
     except Exception as e:  # corrupt headers, pickles that fail, ...
         raise ModelFileError(f"{role} checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); "
                              "the file is truncated or not a model checkpoint.") from None
-    import comfy.model_detection
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise ModelFileError(f"{role} checkpoint '{path}' holds no UNet (no '{UNET_PREFIX}*' tensors); "
                              "give a full Stable Diffusion checkpoint (UNet + VAE), not a LoRA or a VAE.")
     try:
-        config = comfy.model_detection.detect_unet_config(state, UNET_PREFIX)
+        config = comfy_internals.detect_unet_config(state, UNET_PREFIX)
     except Exception as e:
         raise ModelFileError(f"{role} checkpoint '{path}': ComfyUI cannot read its UNet layout "
                              f"({type(e).__name__}: {e}).") from None
