@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from machine import machine_name  # noqa: E402
+
 CASES = ((128, 512), (512, 2048))
 PAPER = "D3SR 0.11 s and OSEDiff 0.35 s per 512^2 on an A100 (paper); goal 0.03 s per 512^2 and < 1 s for 2048^2"
 
@@ -166,7 +168,7 @@ def main() -> int:
     path = os.path.join(args.out_dir, f"gpu_{slug}.md")
     os.makedirs(args.out_dir, exist_ok=True)
     lines = [f"# D3SR on {card}\n",
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}. "
+             f"Machine: {machine_name()}; CUDA {torch.version.cuda}. "
              f"Full-size SD2.1-base UNet + KL VAE, seeded random weights, random rank-16 LoRA. "
              f"Median of {args.runs} after {args.warmup} warm-up runs; CPU IMAGE in and out.\n",
              f"Command: `python benchmarks/bench_gpu.py {' '.join(sys.argv[1:])}`\n",

@@ -30,6 +30,7 @@ import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
+from d3sr_core import comfy_internals  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 from d3sr_core.model import d3sr_model_from_weights  # noqa: E402
 from d3sr_core.upscale import upscale  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
 
     mm.load_models_gpu([d3sr.model])  # patches merged into the weights
     diffusion = d3sr.model.model.diffusion_model
-    ae = vae.first_stage_model
+    ae = comfy_internals.vae_autoencoder(vae)
     x = torch.rand(1, 3, 512, 512) * 2 - 1
     ctx = d3sr.text_embedding
     t = torch.tensor([float(d3sr.timestep)])

@@ -48,7 +48,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
-from machine import mem_available_gb, peak_rss_gb, reset_peak_rss, rss_gb  # noqa: E402
+from machine import mem_available_gb, peak_rss_gb, reset_peak_rss, rss_gb, wait_for_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REQUIREMENTS = "benchmarks/requirements-peers.txt"
@@ -422,16 +422,6 @@ class Worker:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def wait_for_memory(need_gb: float, wait_min: float) -> None:
-    """Block until the machine has `need_gb` available (shared machine), at most `wait_min` minutes."""
-    deadline = time.time() + 60 * wait_min
-    while mem_available_gb() < need_gb:
-        if time.time() > deadline:
-            raise SystemExit(f"bench_peers.py: only {mem_available_gb():.1f} GB available after waiting "
-                             f"{wait_min:g} min, {need_gb:g} GB needed for the next worker; try later")
-        time.sleep(20)
-
-
 def compare(work: str) -> dict:
     """Max and mean |A - B| of the output image (and the latents) of the two check runs."""
     from safetensors.torch import load_file
@@ -462,7 +452,7 @@ def run(args: argparse.Namespace, device: str, dtype: str, work: str) -> dict:
     peak_sizes = [256, 512] if args.smoke else [2048, 4096]
 
     def start(path: str) -> Worker:
-        wait_for_memory(args.need_gb[path], args.wait_min)
+        wait_for_memory(args.need_gb[path], args.wait_min, "bench_peers.py")
         print(f"[{dtype}] starting worker {path} (MemAvailable {mem_available_gb():.1f} GB)", flush=True)
         w = Worker(path, work, device, dtype)
         ready.setdefault(path, w.ready)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,20 +33,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "tiling_cpu.md")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from machine import machine_name, rss_gb  # noqa: E402
+
 SMALL_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
              "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
              "dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------- child side
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def load_models(work: str, vae_kind: str):
     """(D3SRModel) from the files in `work`, with the KL or the small VAE."""
     sys.path.insert(0, ROOT)
@@ -79,7 +73,7 @@ def child(args: argparse.Namespace) -> None:
     d3sr = load_models(args.work, args.vae)
     from d3sr_core import tiling
     from d3sr_core.upscale import upscale
-    loaded = _rss_mb()
+    loaded = rss_gb() * 1024
     # Warm-up on a small image (kernel selection, lazy allocations), not timed.
     tiling.upscale_tiled(d3sr, lr_image(64), 4.0, "adain", tile=64, overlap=16, vae_tile=64)
     image = lr_image(args.size)
@@ -158,8 +152,8 @@ def make_models(work: str) -> None:
     synthetic.write_checkpoint(os.path.join(work, "tiny-sd2.safetensors"), seed=0)
     unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
     write_weights(os.path.join(work, "tiny-t399.safetensors"), synthetic.random_d3sr_weights(unet, seed=10))
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    small = synthetic.seeded_init_(AutoencoderKL(ddconfig=SMALL_VAE, embed_dim=4), 7)
+    from d3sr_core import comfy_internals
+    small = synthetic.seeded_init_(comfy_internals.build_kl_vae(SMALL_VAE), 7)
     atomic_save_safetensors(os.path.join(work, "small-vae.safetensors"),
                             {k: v.contiguous() for k, v in small.state_dict().items()}, {})
 
@@ -194,19 +188,6 @@ def run_child(work: str, extra: list[str]) -> dict:
                     json.dump(CACHE["runs"], f, indent=1)
             return out
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    import torch
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, "
-            f"{mem:.0f} GiB RAM, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def main() -> None:
@@ -245,7 +226,7 @@ def main() -> None:
             with open(args.cache) as f:
                 CACHE["runs"] = json.load(f)
     started, load0 = time.time(), os.getloadavg()
-    lines = [f"# Tiled D3SR on CPU\n\nMachine: {machine()}.\n",
+    lines = [f"# Tiled D3SR on CPU\n\nMachine: {machine_name()}.\n",
              f"Load average at start {load0[0]:.1f} (other jobs shared the cores; times are noisy).\n",
              f"Command: `python benchmarks/bench_tiling_cpu.py {' '.join(sys.argv[1:])}`\n"]
     with tempfile.TemporaryDirectory() as work:

@@ -41,12 +41,20 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
-from machine import machine_name  # noqa: E402
+from machine import (  # noqa: E402
+    machine_name,
+    mem_available_gb,
+    peak_rss_gb,
+    reset_peak_rss,
+    rss_gb,
+    wait_for_memory,
+)
 
 from d3sr_core import host  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+WHO = "bench_training --paper-cpu"   # how its messages start
 
 
 def _config(setup: dict, out: str, crop: int, batch: int, device: str, precision: str,
@@ -214,15 +222,11 @@ def _write_seeded_checkpoint(path: str, unet_config: dict, seed: int, dtype: tor
     """A checkpoint (model.diffusion_model.* + first_stage_model.*) of ComfyUI's UNetModel with
     `unet_config` and SD's KL VAE, filled by synthetic.seeded_init_ directly in `dtype` (the
     float32 model never exists: SDXL's would be 10 GB). Returns ComfyUI's detection of the file."""
-    import comfy.model_detection
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
+    from d3sr_core import comfy_internals
     from d3sr_core.weight_format import atomic_save_safetensors
     from training.model_files import family, read_unet_config
     synthetic = _synthetic()
-    with torch.device("meta"):
-        unet = UNetModel(**unet_config, dtype=dtype, operations=comfy.ops.disable_weight_init)
+    unet = comfy_internals.build_unet(unet_config, device="meta", dtype=dtype)
     unet.to_empty(device="cpu")
     synthetic.seeded_init_(unet, seed)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
@@ -232,10 +236,10 @@ def _write_seeded_checkpoint(path: str, unet_config: dict, seed: int, dtype: tor
     atomic_save_safetensors(path, sd, {})
     del sd, unet, vae
     detected = {k: v for k, v in read_unet_config(path, "generated").items() if not k.startswith("_")}
-    model_config = comfy.model_detection.model_config_from_unet_config(detected)
+    comfy_name = comfy_internals.supported_model_name(detected)
     same = {k: detected.get(k) == v for k, v in unet_config.items() if k in detected}
     return {"path": path, "unet_params": unet_params, "family": family(detected),
-            "comfy_model_config": type(model_config).__name__ if model_config else None,
+            "comfy_model_config": comfy_name,
             "detected_matches_config": all(same.values()), "mismatched": [k for k, ok in same.items() if not ok],
             "bytes": os.path.getsize(path)}
 
@@ -318,7 +322,6 @@ def paper_worker(config_path: str, out_json: str) -> None:
     during the steps, seconds per step, parameter counts -> `out_json`."""
     import logging
 
-    from machine import peak_rss_gb, reset_peak_rss, rss_gb
     host.import_comfy(cpu=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import training.train as train_module
@@ -349,11 +352,11 @@ def paper_worker(config_path: str, out_json: str) -> None:
 def paper_export_check(checkpoint: str, weights: str) -> dict:
     """The trainer's export on the ComfyUI-loaded full SD2.1 checkpoint: load_d3sr (what the
     D3SRModelLoader node runs) and d3sr_core.upscale.upscale of a 32x32 image x4."""
-    from machine import rss_gb
     host.import_comfy(cpu=True)
     import comfy.sd
     import comfy.utils
 
+    from d3sr_core import comfy_internals
     from d3sr_core.model import load_d3sr
     from d3sr_core.upscale import upscale
     comfy.utils.set_progress_bar_enabled(False)
@@ -362,7 +365,7 @@ def paper_export_check(checkpoint: str, weights: str) -> dict:
     d3sr = load_d3sr(model, vae, weights)
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     out = upscale(d3sr, image, 4.0, "adain")
-    return {"model_config": type(model.model.model_config).__name__, "lora_patches": len(d3sr.model.patches),
+    return {"model_config": comfy_internals.model_config_name(model.model), "lora_patches": len(d3sr.model.patches),
             "timestep": d3sr.timestep, "output_shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
             "output_std": float(out.std()), "seconds": round(time.perf_counter() - t0, 1), "rss_gb": rss_gb()}
 
@@ -377,18 +380,7 @@ def _child(args: list[str], label: str) -> dict:
     return json.loads(lines[-1][len(REPLY):])
 
 
-def _wait_for_memory(need_gb: float, wait_min: float) -> None:
-    from machine import mem_available_gb
-    deadline = time.time() + 60 * wait_min
-    while mem_available_gb() < need_gb:
-        if time.time() > deadline:
-            raise SystemExit(f"bench_training --paper-cpu: only {mem_available_gb():.1f} GB available after "
-                             f"{wait_min:g} min; {need_gb:g} GB are needed. Try again on a quieter machine.")
-        time.sleep(20)
-
-
 def bench_paper_cpu(args: argparse.Namespace) -> str:
-    from machine import mem_available_gb
     work = args.work
     os.makedirs(work, exist_ok=True)
     free = shutil.disk_usage(work).free / 2 ** 30
@@ -397,7 +389,7 @@ def bench_paper_cpu(args: argparse.Namespace) -> str:
         if free < 10:
             raise SystemExit(f"bench_training --paper-cpu: {work} has {free:.0f} GB free; the bf16 checkpoints "
                              "need about 7.5 GB (use --work on a larger disk)")
-        _wait_for_memory(8, args.wait_min)
+        wait_for_memory(8, args.wait_min, WHO)
         info = _child(["--paper-prepare", "--work", work] + (["--paper-tiny"] if args.paper_tiny else []),
                       "writing the seeded checkpoints (bf16)")
         with open(info_path, "w") as f:
@@ -411,7 +403,7 @@ def bench_paper_cpu(args: argparse.Namespace) -> str:
             out = os.path.join(work, f"run-crop{crop}-{'ckpt' if checkpointing else 'nockpt'}")
             shutil.rmtree(out, ignore_errors=True)
             cfg = _paper_config(info, out, crop, checkpointing, args.paper_steps)
-            _wait_for_memory(args.min_available_gb, args.wait_min)
+            wait_for_memory(args.min_available_gb, args.wait_min, WHO)
             available = mem_available_gb()
             rec = _child(["--paper-worker", cfg, "--work", work], f"training, crop {crop}, gradient checkpointing "
                          f"{'on' if checkpointing else 'off'} (MemAvailable {available:.1f} GB)")
@@ -420,7 +412,7 @@ def bench_paper_cpu(args: argparse.Namespace) -> str:
     main_run = next(r for r in runs if r["checkpointing"] and r["crop"] == crops[-1])
     from training.checkpoint import export_path
     export = export_path(os.path.join(main_run["out"], "checkpoints"), args.paper_steps)
-    _wait_for_memory(8, args.wait_min)
+    wait_for_memory(8, args.wait_min, WHO)
     check = _child(["--paper-export", export, "--work", work], "export check: load_d3sr + upscale 32 -> 128")
     text = paper_report(info, runs, main_run, export, check, args)
     if info.get("tiny"):
@@ -442,7 +434,6 @@ def _activation_fit(runs: list[dict], checkpointing: bool) -> tuple[float, float
 
 def paper_report(info: dict, runs: list[dict], main_run: dict, export: str, check: dict,
                  args: argparse.Namespace) -> str:
-    from machine import machine_name
     for r in runs:
         r["step_peak_gb"] = max(s["peak_gb"] for s in r["steps"])
         r["activation_gb"] = r["step_peak_gb"] - r["before_steps_gb"]

@@ -1,22 +1,31 @@
-"""Name the machine a benchmark ran on (CPU model, cores, GPU) for results files."""
+"""What every benchmark shares about the machine: its description for results files (CPU
+model, cores, RAM, versions, GPU), this process's memory, and waiting for free memory on a
+shared machine."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
 
 def machine_name() -> str:
+    """'<CPU model>, N cores, M GiB RAM, torch V threads T, Python P, <GPU or no GPU>'."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        ram = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM"
+    except (OSError, ValueError):
+        ram = "RAM unknown"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, {gpu}"
+    return (f"{cpu}, {os.cpu_count()} cores, {ram}, torch {torch.__version__} threads "
+            f"{torch.get_num_threads()}, Python {platform.python_version()}, {gpu}")
 
 
 def _status_gb(field: str) -> float:
@@ -49,6 +58,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def wait_for_memory(need_gb: float, wait_min: float, who: str) -> None:
+    """Block until the machine has `need_gb` GiB available (it is shared), at most `wait_min`
+    minutes; then SystemExit with a message that starts with `who` (the benchmark)."""
+    deadline = time.time() + 60 * wait_min
+    while mem_available_gb() < need_gb:
+        if time.time() > deadline:
+            raise SystemExit(f"{who}: only {mem_available_gb():.1f} GB available after waiting "
+                             f"{wait_min:g} min; {need_gb:g} GB are needed. Try again on a quieter machine.")
+        time.sleep(20)
 
 
 def mem_available_gb() -> float:

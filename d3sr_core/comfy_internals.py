@@ -295,6 +295,14 @@ def vae_diffusers_to_ldm(names: Iterable[str]) -> dict[str, str]:
     return {n: next(iter(convert({n: torch.empty(0)}))) for n in names}
 
 
+def supported_model_name(unet_config: dict) -> str | None:
+    """The name of the supported-model class ComfyUI picks for a detected UNet config
+    (`comfy.model_detection.model_config_from_unet_config`: 'SD20', 'SDXL', ...), None if none."""
+    import comfy.model_detection
+    config = comfy.model_detection.model_config_from_unet_config(unet_config)
+    return type(config).__name__ if config is not None else None
+
+
 def detect_unet_config(state: Mapping[str, torch.Tensor], prefix: str) -> dict | None:
     """ComfyUI's UNet config for a checkpoint's tensors (`comfy.model_detection.
     detect_unet_config`: reads only names and shapes, so meta tensors do); None if none found."""
