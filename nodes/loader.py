@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..d3sr_core.model import load_d3sr
-from .types import CATEGORY, D3SRModelType, search_options
+from .types import D3SRModelType, base_model_input, schema
 from .weights import D3SR_EXTENSIONS, WeightFileLoader, list_weights, missing_d3sr_message
 
 
@@ -12,16 +12,12 @@ class D3SRModelLoader(WeightFileLoader):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="D3SRModelLoader",
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            **search_options(("load d3sr",)),
+        return schema(
+            "D3SRModelLoader", cls.TITLE,
             description="Applies a D3SR one-step super-resolution weight file (UNet LoRA, fixed "
                         "text embedding and timestep) to Stable Diffusion 2.1-base.",
             inputs=[
-                io.Model.Input("model", tooltip="MODEL of Stable Diffusion 2.1-base (512, epsilon) "
-                               "from the stock Load Checkpoint node."),
+                base_model_input(),
                 io.Vae.Input("vae", tooltip="VAE of the same SD2.1-base checkpoint."),
                 io.Combo.Input("weights", options=list_weights(D3SR_EXTENSIONS),
                                tooltip="D3SR weight file (.safetensors) from ComfyUI/models/d3sr/. No "
@@ -31,6 +27,7 @@ class D3SRModelLoader(WeightFileLoader):
                                tooltip="LoRA strength; 1.0 is what the weights were trained for."),
             ],
             outputs=[D3SRModelType.Output(display_name="d3sr_model")],
+            search_words=("load d3sr",),
         )
 
     @classmethod

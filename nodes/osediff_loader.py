@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..d3sr_core.osediff import load_osediff
-from .types import CATEGORY, D3SRModelType, search_options
+from .types import D3SRModelType, base_model_input, schema
 from .weights import OSEDIFF_EXTENSIONS, WeightFileLoader, list_weights, missing_osediff_message
 
 
@@ -12,19 +12,15 @@ class D3SROSEDiffLoader(WeightFileLoader):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="D3SROSEDiffLoader",
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            **search_options(("osediff",)),
+        return schema(
+            "D3SROSEDiffLoader", cls.TITLE,
             description="Applies OSEDiff's released one-step SR weights (osediff.pkl from "
                         "github.com/cswry/OSEDiff, or a file converted from it) to Stable Diffusion "
                         "2.1-base: UNet LoRA and conv_in, VAE-encoder LoRA (on a copy of the VAE), "
                         "timestep 999, conditioning from CLIP and a prompt. Feeds the D3SR Upscale "
                         "nodes.",
             inputs=[
-                io.Model.Input("model", tooltip="MODEL of Stable Diffusion 2.1-base (512, epsilon) "
-                               "from the stock Load Checkpoint node."),
+                base_model_input(),
                 io.Vae.Input("vae", tooltip="VAE of the same checkpoint. It is not changed: the "
                              "OSEDiff encoder LoRA goes on a copy."),
                 io.Combo.Input("weights", options=list_weights(OSEDIFF_EXTENSIONS),
@@ -45,6 +41,7 @@ class D3SROSEDiffLoader(WeightFileLoader):
                                         "first 75 tokens count."),
             ],
             outputs=[D3SRModelType.Output(display_name="d3sr_model")],
+            search_words=("osediff",),
         )
 
     @classmethod

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..d3sr_core.pipeline import pixel_multiple
 from ..d3sr_core.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, upscale_tiled
-from .types import CATEGORY, search_options
+from .types import schema
 from .upscale import upscale_inputs
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,8 @@ def adjustment_note(multiple: int, tile: int, overlap: int) -> str | None:
 class D3SRTiledUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="D3SRTiledUpscale",
-            display_name="D3SR Super-Res (tiled)",
-            category=CATEGORY,
-            **search_options(("tiled", "any size")),
+        return schema(
+            "D3SRTiledUpscale", "D3SR Super-Res (tiled)",
             description="D3SR Upscale in bounded memory: VAE encode, the UNet step and VAE decode run "
                         "on overlapping tiles blended smoothly; the colour fix uses the whole image. "
                         "Out of memory halves the tile and retries.",
@@ -66,6 +63,7 @@ class D3SRTiledUpscale(io.ComfyNode):
                                      "CPU, up to 1024 on a GPU as free memory allows)."),
             ],
             outputs=[io.Image.Output()],
+            search_words=("tiled", "any size"),
         )
 
     @classmethod

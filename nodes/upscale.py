@@ -5,7 +5,7 @@ from comfy_api.latest import io
 from ..d3sr_core.colour_fix import COLOUR_FIXES
 from ..d3sr_core.pipeline import MAX_FACTOR
 from ..d3sr_core.upscale import upscale
-from .types import CATEGORY, D3SRModelType, search_options
+from .types import D3SRModelType, schema
 
 
 def upscale_inputs() -> list:
@@ -26,11 +26,8 @@ def upscale_inputs() -> list:
 class D3SRUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="D3SRUpscale",
-            display_name="D3SR Super-Resolution",
-            category=CATEGORY,
-            **search_options(),
+        return schema(
+            "D3SRUpscale", "D3SR Super-Resolution",
             description="Upscales images (super-resolution) in one diffusion step: bicubic upsample, "
                         "VAE encode, one UNet evaluation at the stored timestep, VAE decode.",
             inputs=upscale_inputs(),
