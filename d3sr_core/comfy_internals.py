@@ -267,6 +267,14 @@ def sinusoidal_embedding(value: float, dim: int) -> torch.Tensor:
     return timestep_embedding(torch.tensor([float(value)]), dim)
 
 
+def is_linear_or_conv(module: nn.Module) -> bool:
+    """True for the UNet's Linear and Conv2d layers, the ones LoRA adapts. ComfyUI's layer classes
+    (`comfy.ops.disable_weight_init.Linear / Conv2d`, `manual_cast`, ...) subclass torch's
+    `nn.Linear / nn.Conv2d` and are called as modules with the input first, so forward hooks see
+    (x, output) and the weight has torch's layout."""
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
 def unet_block_layers(unet: nn.Module) -> list[nn.Module]:
     """The layers inside the UNet's input, middle and output blocks, each of which ComfyUI's
     UNetModel calls as a module of its own (`forward_timestep_embed` loops over a block's

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import comfy_internals
+
 _ATTENTION = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
                    for proj in ("to_q", "to_k", "to_v", "to_out.0"))
 TARGET_SUFFIXES = _ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -22,7 +24,7 @@ def lora_target_names(unet: torch.nn.Module) -> list[str]:
     """ldm paths of the Linear/Conv2d layers of `unet` (a ComfyUI UNetModel) that take LoRA."""
     names = []
     for name, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not comfy_internals.is_linear_or_conv(module):
             continue
         if name in TARGET_NAMES or name.endswith(TARGET_SUFFIXES):
             names.append(name)

@@ -359,6 +359,37 @@ def test_unet_calls_each_block_layer_as_its_own_module():
     assert torch.equal(out, ref)
 
 
+def test_lora_layers_are_torch_layers_called_with_their_input():
+    # training.lora.LoRASet adds B(A(x)) in a forward hook on these layers: ComfyUI must call each
+    # as a module, with x first, and keep torch's weight layout.
+    import comfy.ops
+    unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=8)
+    modules = dict(unet.named_modules())
+    names = lora_target_names(unet)
+    assert names and all(ci.is_linear_or_conv(modules[n]) for n in names)
+    assert all(type(modules[n]).__module__ == comfy.ops.__name__ for n in names)
+    assert not ci.is_linear_or_conv(unet.middle_block)
+    seen: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0]
+            fan_in = module.weight.shape[1]
+            assert x.shape[-1 if isinstance(module, torch.nn.Linear) else 1] == fan_in, name
+            seen[name] = seen.get(name, 0) + 1
+        return record
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    gen = torch.Generator().manual_seed(8)
+    try:
+        with torch.no_grad():
+            unet(torch.randn(1, 4, 8, 8, generator=gen), timesteps=torch.tensor([399]),
+                 context=torch.randn(1, 77, 1024, generator=gen))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == dict.fromkeys(names, 1)
+
+
 # --- names and layouts --------------------------------------------------------------------------
 
 def test_unet_diffusers_names_cover_every_sd21_parameter():
