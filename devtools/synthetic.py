@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from d3sr_core import comfy_internals
 from d3sr_core.architectures import KL_VAE_DDCONFIG, SD21_UNET_CONFIG
 from d3sr_core.lora_layers import lora_shapes, lora_target_names
 from d3sr_core.weight_format import EMBEDDING_SHAPE, D3SRWeights, atomic_save_safetensors, write_weights
@@ -57,16 +58,12 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 def build_unet(config: dict, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
                ) -> torch.nn.Module:
     """A ComfyUI UNetModel with `config` and seeded weights."""
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
-    return seeded_init_(unet, seed).to(device=device, dtype=dtype)
+    return seeded_init_(comfy_internals.build_unet(config), seed).to(device=device, dtype=dtype)
 
 
 def build_kl_vae(seed: int = 1) -> torch.nn.Module:
     """ComfyUI's AutoencoderKL with SD's config and seeded weights."""
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    return seeded_init_(AutoencoderKL(ddconfig=KL_VAE_DDCONFIG, embed_dim=4), seed)
+    return seeded_init_(comfy_internals.build_kl_vae(KL_VAE_DDCONFIG), seed)
 
 
 def build_sd2_text_encoder(seed: int = 2) -> torch.nn.Module:

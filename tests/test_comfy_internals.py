@@ -232,8 +232,9 @@ def test_attention_flags_are_read_from_the_command_line_options(monkeypatch):
 
 def test_cpu_default_attention_is_sub_quadratic():
     # ComfyUI's choice for a CPU device without attention flags (what the D3SR clone replaces).
-    assert ci.default_attention_is_sub_quadratic()
-    assert attention.optimized_attention is attention.attention_sub_quad
+    assert ci.default_attention_is_sub_quadratic(), (
+        f"ComfyUI's CPU attention is now {attention.optimized_attention.__name__}: "
+        "model.prefer_fused_cpu_attention no longer applies")
 
 
 def test_attention_override_is_called_and_fused_attention_matches(tiny_sd2, monkeypatch):
