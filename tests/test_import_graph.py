@@ -66,3 +66,32 @@ def test_no_import_cycle_in_d3sr_core():
     graph = {p.stem: core_imports(p) for p in CORE.glob("*.py")}
     assert graph["tiling"] >= {"pipeline"} and graph["upscale"] >= {"pipeline", "tiling"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+# ComfyUI modules the pack may import outside d3sr_core/comfy_internals.py: the calls any custom
+# node makes (see that module's docstring). Anything else of ComfyUI goes through that module.
+ORDINARY_COMFY = {"comfy.model_management", "comfy.model_patcher", "comfy.sd", "comfy.utils",
+                  "comfy_api.latest", "folder_paths"}
+HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",
+                "server", "execution")
+
+
+def host_imports(path: Path) -> set[str]:
+    """ComfyUI module names that the file at `path` imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        found.update(n for n in names if n.split(".")[0] in HOST_MODULES)
+    return found
+
+
+def test_comfyui_internals_are_reached_only_through_comfy_internals():
+    root = CORE.parent
+    files = [root / "__init__.py", *[p for d in ("d3sr_core", "training", "nodes") for p in (root / d).rglob("*.py")]]
+    outside = {str(p.relative_to(root)): sorted(host_imports(p) - ORDINARY_COMFY) for p in files
+               if p.name != "comfy_internals.py"}
+    assert {f: m for f, m in outside.items() if m} == {}
+    assert host_imports(CORE / "comfy_internals.py") - ORDINARY_COMFY, "the parser sees the door's own imports"
+    graph = {p.stem: core_imports(p) for p in CORE.glob("*.py")}
+    assert graph["comfy_internals"] == set(), "the door sits below every other d3sr_core module"
