@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import torch  # noqa: E402
 from machine import machine_name  # noqa: E402
 
-from d3sr_core import host  # noqa: E402
+from d3sr_core import architectures, host  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -201,15 +201,6 @@ PAPER_WORK = "/tmp/d3sr_paper_cpu"
 REPLY = "@@paper "
 
 
-def _synthetic():
-    """The seeded-model builders (moving from d3sr_core to devtools; either location works)."""
-    try:
-        from devtools import synthetic
-    except ImportError:
-        from devtools import synthetic
-    return synthetic
-
-
 def _write_seeded_checkpoint(path: str, unet_config: dict, seed: int, dtype: torch.dtype) -> dict:
     """A checkpoint (model.diffusion_model.* + first_stage_model.*) of ComfyUI's UNetModel with
     `unet_config` and SD's KL VAE, filled by synthetic.seeded_init_ directly in `dtype` (the
@@ -219,8 +210,8 @@ def _write_seeded_checkpoint(path: str, unet_config: dict, seed: int, dtype: tor
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     from d3sr_core.weight_format import atomic_save_safetensors
+    from devtools import synthetic
     from training.model_files import family, read_unet_config
-    synthetic = _synthetic()
     with torch.device("meta"):
         unet = UNetModel(**unet_config, dtype=dtype, operations=comfy.ops.disable_weight_init)
     unet.to_empty(device="cpu")
@@ -246,16 +237,16 @@ def paper_prepare(work: str, tiny: bool = False) -> dict:
     host.import_comfy(cpu=True)
     from safetensors.torch import save_file
 
+    from devtools import synthetic
     from devtools.tiny_setup import prepare_tiny_setup
-    synthetic = _synthetic()
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
     info = {"generator": _write_seeded_checkpoint(os.path.join(work, "sd21-base-random-bf16.safetensors"),
                                                   synthetic.TINY_SD2_UNET_CONFIG if tiny
-                                                  else synthetic.SD21_UNET_CONFIG, 0, torch.bfloat16),
+                                                  else architectures.SD21_UNET_CONFIG, 0, torch.bfloat16),
             "discriminator": _write_seeded_checkpoint(os.path.join(work, "sdxl-base-random-bf16.safetensors"),
                                                       synthetic.MINI_SDXL_UNET_CONFIG if tiny
-                                                      else synthetic.SDXL_UNET_CONFIG, 2, torch.bfloat16),
+                                                      else architectures.SDXL_UNET_CONFIG, 2, torch.bfloat16),
             "tiny": tiny}
     gen = torch.Generator().manual_seed(5)
     info["embedding_file"] = os.path.join(work, "sd21-empty-prompt-seeded.safetensors")
