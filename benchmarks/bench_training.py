@@ -305,17 +305,18 @@ def _param_counts(trainer) -> dict:
 
 
 def paper_worker(config_path: str, out_json: str) -> None:
-    """One `training.train.train` run (in its own process): memory before the first step, peak
+    """One `training.loop.train` run (in its own process): memory before the first step, peak
     during the steps, seconds per step, parameter counts -> `out_json`."""
     import logging
 
     from machine import peak_rss_gb, reset_peak_rss, rss_gb
     host.import_comfy(cpu=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import training.train as train_module
     from training.config import load_config
+    from training.loop import train
+    from training.trainer import Trainer
     record: dict = {"steps": []}
-    original = train_module.Trainer.train_step
+    original = Trainer.train_step
 
     def instrumented(trainer, hr_micro_batches):
         if not record["steps"]:                 # models loaded, nothing trained yet
@@ -327,9 +328,9 @@ def paper_worker(config_path: str, out_json: str) -> None:
                                 **{k: metrics[k] for k in ("loss_d", "loss_g", "loss_mse", "loss_gan")}})
         return metrics
 
-    train_module.Trainer.train_step = instrumented
+    Trainer.train_step = instrumented
     t0 = time.perf_counter()
-    record["exit_code"] = train_module.train(load_config(config_path))
+    record["exit_code"] = train(load_config(config_path))
     record["total_s"] = time.perf_counter() - t0
     record["process_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     record["threads"] = torch.get_num_threads()
