@@ -50,7 +50,7 @@ from machine import (  # noqa: E402
     wait_for_memory,
 )
 
-from d3sr_core import host  # noqa: E402
+from d3sr_core import architectures, host  # noqa: E402
 from d3sr_core.atomic_file import write_text_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -209,23 +209,14 @@ PAPER_WORK = "/tmp/d3sr_paper_cpu"
 REPLY = "@@paper "
 
 
-def _synthetic():
-    """The seeded-model builders (moving from d3sr_core to devtools; either location works)."""
-    try:
-        from devtools import synthetic
-    except ImportError:
-        from devtools import synthetic
-    return synthetic
-
-
 def _write_seeded_checkpoint(path: str, unet_config: dict, seed: int, dtype: torch.dtype) -> dict:
     """A checkpoint (model.diffusion_model.* + first_stage_model.*) of ComfyUI's UNetModel with
     `unet_config` and SD's KL VAE, filled by synthetic.seeded_init_ directly in `dtype` (the
     float32 model never exists: SDXL's would be 10 GB). Returns ComfyUI's detection of the file."""
     from d3sr_core import comfy_internals
     from d3sr_core.weight_format import atomic_save_safetensors
+    from devtools import synthetic
     from training.model_files import family, read_unet_config
-    synthetic = _synthetic()
     unet = comfy_internals.build_unet(unet_config, device="meta", dtype=dtype)
     unet.to_empty(device="cpu")
     synthetic.seeded_init_(unet, seed)
@@ -250,16 +241,16 @@ def paper_prepare(work: str, tiny: bool = False) -> dict:
     host.import_comfy(cpu=True)
     from safetensors.torch import save_file
 
+    from devtools import synthetic
     from devtools.tiny_setup import prepare_tiny_setup
-    synthetic = _synthetic()
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
     info = {"generator": _write_seeded_checkpoint(os.path.join(work, "sd21-base-random-bf16.safetensors"),
                                                   synthetic.TINY_SD2_UNET_CONFIG if tiny
-                                                  else synthetic.SD21_UNET_CONFIG, 0, torch.bfloat16),
+                                                  else architectures.SD21_UNET_CONFIG, 0, torch.bfloat16),
             "discriminator": _write_seeded_checkpoint(os.path.join(work, "sdxl-base-random-bf16.safetensors"),
                                                       synthetic.MINI_SDXL_UNET_CONFIG if tiny
-                                                      else synthetic.SDXL_UNET_CONFIG, 2, torch.bfloat16),
+                                                      else architectures.SDXL_UNET_CONFIG, 2, torch.bfloat16),
             "tiny": tiny}
     gen = torch.Generator().manual_seed(5)
     info["embedding_file"] = os.path.join(work, "sd21-empty-prompt-seeded.safetensors")
@@ -318,16 +309,17 @@ def _param_counts(trainer) -> dict:
 
 
 def paper_worker(config_path: str, out_json: str) -> None:
-    """One `training.train.train` run (in its own process): memory before the first step, peak
+    """One `training.loop.train` run (in its own process): memory before the first step, peak
     during the steps, seconds per step, parameter counts -> `out_json`."""
     import logging
 
     host.import_comfy(cpu=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import training.train as train_module
     from training.config import load_config
+    from training.loop import train
+    from training.trainer import Trainer
     record: dict = {"steps": []}
-    original = train_module.Trainer.train_step
+    original = Trainer.train_step
 
     def instrumented(trainer, hr_micro_batches):
         if not record["steps"]:                 # models loaded, nothing trained yet
@@ -339,9 +331,9 @@ def paper_worker(config_path: str, out_json: str) -> None:
                                 **{k: metrics[k] for k in ("loss_d", "loss_g", "loss_mse", "loss_gan")}})
         return metrics
 
-    train_module.Trainer.train_step = instrumented
+    Trainer.train_step = instrumented
     t0 = time.perf_counter()
-    record["exit_code"] = train_module.train(load_config(config_path))
+    record["exit_code"] = train(load_config(config_path))
     record["total_s"] = time.perf_counter() - t0
     record["process_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     record["threads"] = torch.get_num_threads()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from chromium_cdp import Chromium
+from chromium_cdp import CDPError, Chromium
 from comfy_server import ComfyServer
 
 from d3sr_core.atomic_file import atomic_path
@@ -97,9 +97,20 @@ class ComfyPage:
         self.js("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         self.browser.wait_for("document.querySelectorAll('[data-testid^=\"template-workflow-\"]').length > 0",
                               30, what="the template browser")
-        # thumbnails load asynchronously: wait until every card image has settled
-        self.browser.wait_for("[...document.querySelectorAll('[data-testid^=\"template-workflow-\"] img')]"
-                              ".every(i => i.complete)", 20, what="the template thumbnails")
+        # Thumbnails are lazy: a card shows a skeleton (no <img>) until it has scrolled into view
+        # and its image is fetched. Bring each card still without a loaded image into view, and
+        # poll until every card has one, then scroll the list back to its top.
+        try:
+            self.browser.wait_for("""(() => {
+                const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
+                const pending = cards.filter(c => { const i = c.querySelector('img');
+                                                    return !i || !i.complete || !i.naturalWidth; });
+                if (pending.length) pending[0].scrollIntoView({block: 'nearest'});
+                return pending.length === 0; })()""", 30, what="the template thumbnails")
+        except CDPError:
+            pass  # a card that never gets its image shows up in the returned list (img '')
+        self.js("document.querySelector('[data-testid^=\"template-workflow-\"]')"
+                ".scrollIntoView({block: 'nearest'}); 1")
         return self.js("""[...document.querySelectorAll('[data-testid^="template-workflow-"]')].map(c => {
             const img = c.querySelector('img');
             return {name: c.dataset.testid.slice('template-workflow-'.length), text: c.innerText,

@@ -65,6 +65,18 @@ BAD_VALUES = [
     ("train", "d_timesteps", [0, 1000], "train.d_timesteps must be [lo, hi] with 0 <= lo <= hi <= 999"),
     ("train", "gradient_checkpointing", 1, "train.gradient_checkpointing must be true or false, got 1"),
     ("loss", "lambda_gan", -0.5, "loss.lambda_gan must be >= 0, got -0.5"),
+    ("loss", "mse_range", [0, 2], "loss.mse_range must be [0, 1] or [-1, 1], got [0.0, 2.0]"),
+    ("loss", "mse_range", [-1, 1, 2], "loss.mse_range must be a list of 2 values, got [-1, 1, 2]"),
+    ("loss", "mse_range", "-1..1", 'loss.mse_range must be a list, got "-1..1"'),
+    ("data", "usm_target", "blurred", "data.usm_target 'blurred' is not one of sharpened/none"),
+    ("data", "usm_target", False, "data.usm_target must be a text string, got false"),
+    ("data", "usm_weight", -0.5, "data.usm_weight must be >= 0, got -0.5"),
+    ("data", "usm_threshold", -1, "data.usm_threshold must be >= 0, got -1.0"),
+    ("data", "usm_radius", 0, "data.usm_radius must be >= 1, got 0"),
+    ("data", "realesrgan", {"usm_sharpen": False},
+     "config key 'data.realesrgan.usm_sharpen' has moved: set data.usm_target (sharpened | none) instead"),
+    ("data", "realesrgan", {"usm_weight": 1.0},
+     "config key 'data.realesrgan.usm_weight' has moved: set data.usm_weight"),
     ("loss", "vgg_path", "missing-vgg.pth", "loss.vgg_path 'missing-vgg.pth' is not a file"),
     ("models", "embedding_file", "missing.safetensors", "models.embedding_file 'missing.safetensors' is not a file"),
     ("models", "generator", 5, "models.generator must be a text string, got 5"),
@@ -85,6 +97,21 @@ def test_bad_config_values_are_refused_by_name(tmp_path, section, key, value, me
         load_config(config)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_paper_config_states_the_paper_and_our_choices():
+    # The paper's config freezes the embedding (Fig. 1); the unsharp-mask convention and the MSE's
+    # pixel range are ours, written out in the file (and the same as the dataclass defaults).
+    from training.config import Config
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / "d3sr_paper.yaml"
+    cfg = load_config(str(path))
+    assert cfg.generator.train_embedding is False
+    assert cfg.data.usm_target == "sharpened" and cfg.loss.mse_range == (0.0, 1.0)
+    text = path.read_text()
+    assert "train_embedding: false" in text and "usm_target: sharpened" in text and "mse_range: [0, 1]" in text
+    default = Config()
+    assert (default.generator.train_embedding, default.data.usm_target, default.loss.mse_range) == (
+        False, "sharpened", (0.0, 1.0))
 
 
 def test_numbers_pyyaml_reads_as_strings_are_read_as_numbers(tmp_path):

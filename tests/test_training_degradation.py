@@ -1,12 +1,15 @@
-"""Real-ESRGAN second-order degradation: shapes, range, seeding, per-stage statistics."""
+"""Real-ESRGAN second-order degradation: shapes, range, seeding, per-stage statistics; the
+unsharp mask against a float64 reference and the training pair it makes."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from training.data import training_pair
 from training.degradation import (
     DegradationConfig,
     RealESRGANDegradation,
@@ -95,7 +98,7 @@ def test_noise_stage_of_the_pipeline_follows_its_config():
         resize_probs=(0, 0, 1), gaussian_noise_prob=1.0, noise_range=(0, 0), jpeg_range=(100, 100),
     )
     cfg = DegradationConfig(
-        scale=1, first=first, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0, usm_sharpen=False
+        scale=1, first=first, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0
     )
     flat = torch.full((2, 3, 64, 64), 0.5)
     lr = RealESRGANDegradation(cfg)(flat, torch.Generator().manual_seed(3))
@@ -198,9 +201,83 @@ def test_usm_weight_threshold_and_radius():
     # a smaller radius leaves pixels 12 columns from the edge alone, the default does not
     assert abs(usm_sharpen(step, radius=9)[0, 0, 5, 44].item() - 0.7) < 1e-4
     assert usm_sharpen(step)[0, 0, 5, 44].item() > 0.7 + 1e-3
-    # the pipeline passes its usm_* fields on
-    hr = _smooth_images(batch=1, size=64)
-    stronger = RealESRGANDegradation(DegradationConfig(usm_weight=2.0))
-    assert not torch.equal(
-        stronger(hr, torch.Generator().manual_seed(0)), RealESRGANDegradation()(hr, torch.Generator().manual_seed(0))
-    )
+    # the training pair passes its usm_* arguments on
+    hr = _textured_images()
+    degrade = RealESRGANDegradation()
+    default = training_pair(hr, degrade, torch.Generator().manual_seed(0))
+    stronger = training_pair(hr, degrade, torch.Generator().manual_seed(0), usm_weight=2.0)
+    assert not torch.equal(default[0], stronger[0]) and not torch.equal(default[1], stronger[1])
+
+
+def _textured_images(batch: int = 2, size: int = 64, seed: int = 4) -> torch.Tensor:
+    """(B, 3, size, size) in [0.1, 0.9] with edges every 8 pixels: bilinear upsampling of an
+    8x8 grid of random values, so the unsharp mask's threshold is passed in most places."""
+    coarse = torch.rand(batch, 3, size // 8, size // 8, generator=torch.Generator().manual_seed(seed))
+    return 0.1 + 0.8 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+
+
+def usm_reference(images: torch.Tensor, weight: float = 0.5, threshold: float = 10.0, size: int = 51) -> torch.Tensor:
+    """Real-ESRGAN's unsharp mask (USMSharp) written independently in float64 numpy: a separable
+    Gaussian of `size` with OpenCV's sigma for that size (0.3 ((size - 1) / 2 - 1) + 0.8 = 8 for
+    51), reflect padding without repeating the edge (images larger than size // 2);
+    out = soft * clip(I + weight (I - blur(I))) + (1 - soft) * I with soft = blur(|I - blur(I)|
+    * 255 > threshold). (B, C, H, W) in [0, 1] -> float64 of the same shape."""
+    img = images.double().numpy()
+    sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8
+    x = np.arange(size) - size // 2
+    k = np.exp(-(x**2) / (2 * sigma**2))
+    k /= k.sum()
+    h, w, p = img.shape[-2], img.shape[-1], size // 2
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        a = np.pad(a, ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect")
+        a = sum(k[i] * a[:, :, i:i + h, :] for i in range(size))
+        return sum(k[i] * a[:, :, :, i:i + w] for i in range(size))
+
+    residual = img - blur(img)
+    soft = blur((np.abs(residual) * 255 > threshold).astype(np.float64))
+    sharp = np.clip(img + weight * residual, 0, 1)
+    return torch.from_numpy(soft * sharp + (1 - soft) * img)
+
+
+def test_usm_matches_the_float64_reference():
+    hr = _textured_images()
+    ref = usm_reference(hr)
+    # a pixel whose float32 residual falls on the other side of the threshold moves its
+    # neighbours' soft mask by at most one kernel weight (1 / (2 pi 64)) times their
+    # |sharp - I| (<= 0.1 here): 1e-3 absorbs a few such flips; sharpening itself is 30x that
+    assert float((ref - hr.double()).abs().max()) > 0.03
+    assert float((usm_sharpen(hr).double() - ref).abs().max()) <= 1e-3
+
+
+def test_the_pipeline_itself_does_not_sharpen():
+    # Real-ESRGAN degrades an unsharp-masked HR; here that is the training pair's step, so the
+    # pipeline with every stage near identity (scale 1, a 1e-3 px blur, no resize, no noise,
+    # grey images through JPEG at quality 100) returns the input, with no overshoot at the edges.
+    quiet = StageConfig(kernel_probs=(1, 0, 0, 0, 0, 0), blur_sigma=(1e-3, 1e-3), sinc_prob=0.0,
+                        resize_probs=(0, 0, 1), gaussian_noise_prob=1.0, noise_range=(0, 0),
+                        jpeg_range=(100, 100))
+    cfg = DegradationConfig(scale=1, first=quiet, second=quiet, second_blur_prob=0.0, final_sinc_prob=0.0)
+    step = torch.full((1, 3, 64, 64), 0.3)
+    step[..., 32:] = 0.7
+    out = RealESRGANDegradation(cfg)(step, torch.Generator().manual_seed(0))
+    assert float((out - step).abs().max()) < 0.01
+    assert float((usm_sharpen(step) - step).abs().max()) > 0.05   # what a sharpening pipeline adds
+
+
+def test_training_pair_follows_the_usm_convention():
+    # sharpened (Real-ESRGAN's convention): target = unsharp-masked HR (the float64 reference),
+    # LR degraded from that target; none (OSEDiff's): target = HR, LR degraded from the HR.
+    hr = _textured_images()
+    degrade = RealESRGANDegradation()
+    target, lr = training_pair(hr, degrade, torch.Generator().manual_seed(3), "sharpened")
+    ref = usm_reference(hr)
+    assert float((ref - hr.double()).abs().max()) > 0.03          # the plain HR is not the target
+    assert float((target.double() - ref).abs().max()) <= 1e-3
+    assert torch.equal(lr, degrade(target, torch.Generator().manual_seed(3)))
+    assert not torch.equal(lr, degrade(hr, torch.Generator().manual_seed(3)))
+    target, lr = training_pair(hr, degrade, torch.Generator().manual_seed(3), "none")
+    assert torch.equal(target, hr)
+    assert torch.equal(lr, degrade(hr, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="usm_target 'blurred' is not one of sharpened/none"):
+        training_pair(hr, degrade, torch.Generator(), "blurred")

@@ -74,12 +74,14 @@ def frozen_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_only_lora_head_and_embedding_change(tmp_path, setup):
     # A random starting embedding (the models.embedding_file option) and 32x32 crops, so that every
     # LoRA layer gets a gradient at step 1 (a zero context or a 1x1 middle block leaves
-    # attention projections without one).
+    # attention projections without one). The embedding is trained here (generator.train_embedding,
+    # our option; the paper's default keeps it frozen: test_training_options).
     from safetensors.torch import save_file
     emb = str(tmp_path / "embedding.safetensors")
     save_file({"text_embedding": torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0))}, emb)
     models = {"generator": setup["generator"], "discriminator": setup["discriminator"], "embedding_file": emb}
-    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models, train={"crop": 32})))
+    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models, train={"crop": 32},
+                                               generator={"train_embedding": True})))
     before_frozen = frozen_state(trainer)
     before_g = {k: v.clone() for k, v in trainer.G.state_dict().items()}
     before_d = {k: v.clone() for k, v in trainer.D.state_dict().items()}

@@ -1,6 +1,7 @@
 """The trainer's options against plain references (CPU, generated small models): gradient
-accumulation, gradient checkpointing, EMA of the generator, bf16 autocast and evaluation during
-training. Setup and config helpers are test_training_loop's."""
+accumulation, gradient checkpointing, EMA of the generator, bf16 autocast, evaluation during
+training, the training pair's unsharp-mask convention, the MSE's pixel range and the frozen
+embedding. Setup and config helpers are test_training_loop's."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import os
 
 import pytest
 import torch
-from test_training_loop import fixed_batch, write_config
+from test_training_degradation import usm_reference
+from test_training_loop import ROOT, fixed_batch, write_config
 
+from d3sr_core.pipeline import bicubic_upsample
 from devtools import synthetic
 from devtools.tiny_setup import prepare_tiny_setup
 from training.config import load_config
+from training.data import bicubic_degradation
 from training.loop import train
+from training.losses import pixel_mse
 from training.trainer import Trainer
 
 
@@ -305,7 +310,7 @@ def test_degradation_options_come_from_the_config(tmp_path, setup):
 
 
 def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
-    # With a text encoder in the generator checkpoint, the trainable embedding starts as SD2.1's
+    # With a text encoder in the generator checkpoint, the fixed embedding starts as SD2.1's
     # encoding of "" (D3SR.md), computed here independently through ComfyUI's checkpoint loader.
     import comfy.sd
 
@@ -316,7 +321,7 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
     expected = clip.encode_from_tokens(clip.tokenize("")).float()
     assert expected.shape == (1, 77, 1024) and float(expected.abs().max()) > 0
     assert torch.allclose(trainer.G.embedding.detach(), expected, rtol=0, atol=1e-6)
-    assert trainer.G.embedding.requires_grad
+    assert not trainer.G.embedding.requires_grad          # frozen by default (the paper's Fig. 1)
 
 
 def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, setup):
@@ -336,3 +341,100 @@ def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, 
     assert float(context.abs().max()) > 0 and float(pooled.abs().max()) > 0
     assert torch.allclose(trainer.D.context, context.float(), rtol=0, atol=1e-5)
     assert torch.allclose(trainer.D.pooled, pooled.float(), rtol=0, atol=1e-5)
+
+
+def _pair_and_losses(trainer: Trainer, hr: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """(prepared batch, the first update's metrics, the generator's output x_hat of that update,
+    computed before it: the D step does not change G)."""
+    b = trainer.prepare(hr, 0)
+    with torch.no_grad():
+        x_hat = trainer.G.decode(trainer.G(b["z_l"]))
+    return b, trainer.update([b]), x_hat
+
+
+def test_training_pair_sharpened_targets_plain_real_sample(tmp_path, setup):
+    # The default (data.usm_target sharpened, Real-ESRGAN's convention): the LR is made from the
+    # unsharp-masked HR, MSE and EA-DISTS compare with that same sharpened image, and the
+    # discriminator's real latent is the plain HR's. (Before, the LR came from a sharpened HR
+    # while the losses targeted the plain one: the loss_mse check below fails on that.)
+    trainer = Trainer(load_config(write_config(tmp_path, setup, train={"crop": 32})))
+    assert trainer.cfg.data.usm_target == "sharpened" and trainer.cfg.loss.mse_range == (0.0, 1.0)
+    hr = fixed_batch(3, crop=32)
+    ref = usm_reference(hr)                                  # independent float64 unsharp mask
+    b, m, x_hat = _pair_and_losses(trainer, hr)
+    assert float((ref - hr.double()).abs().max()) > 0.1     # sharpening is far above the tolerance
+    assert float((b["target"].double() - ref).abs().max()) <= 1e-3   # (test_training_degradation)
+    # the LR is the (deterministic) bicubic degradation of the target itself, not of the HR
+    down = bicubic_degradation(4)
+    assert torch.equal(b["lr_up"], bicubic_upsample(down(b["target"]), (32, 32)))
+    assert not torch.equal(b["lr_up"], bicubic_upsample(down(hr), (32, 32)))
+    # the discriminator's real sample is the plain HR
+    with torch.no_grad():
+        assert torch.equal(b["z_h"], trainer.G.encode(hr))
+        assert not torch.allclose(b["z_h"], trainer.G.encode(b["target"]), rtol=0, atol=1e-3)
+        perceptual = float(trainer.perceptual(x_hat, b["target"]).mean())
+    # the losses target the sharpened HR (float32 sums of 3k terms: 1e-5 relative)
+    mse_target = float(((x_hat.double() - b["target"].double()) ** 2).mean())
+    mse_plain = float(((x_hat.double() - hr.double()) ** 2).mean())
+    assert abs(m["loss_mse"] - mse_target) <= 1e-5 * mse_target
+    assert abs(mse_plain - mse_target) > 1e-2 * mse_target   # the old target is told apart
+    assert abs(m["loss_perceptual"] - perceptual) <= 1e-5 * max(perceptual, 1e-6)
+
+
+def test_no_sharpening_and_mse_on_minus_one_to_one(tmp_path, setup):
+    # data.usm_target none (OSEDiff's code): the target is the HR itself and the LR its
+    # degradation; loss.mse_range [-1, 1] gives 4x the [0, 1] MSE of the same images.
+    cfg = load_config(write_config(tmp_path, setup, train={"crop": 32}, data={"usm_target": "none"},
+                                   loss={"pretrained_vgg": False, "mse_range": [-1, 1]}))
+    trainer = Trainer(cfg)
+    hr = fixed_batch(3, crop=32)
+    b, m, x_hat = _pair_and_losses(trainer, hr)
+    assert torch.equal(b["target"], hr)
+    assert torch.equal(b["lr_up"], bicubic_upsample(bicubic_degradation(4)(hr), (32, 32)))
+    mse01 = float(((x_hat.double() - hr.double()) ** 2).mean())
+    assert abs(m["loss_mse"] - 4 * mse01) <= 1e-5 * 4 * mse01
+
+
+def test_pixel_mse_on_minus_one_to_one_is_four_times_zero_to_one():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 8, 8, generator=gen, dtype=torch.float64), torch.rand(2, 3, 8, 8, generator=gen,
+                                                                                   dtype=torch.float64)
+    reference = float(((x - y) ** 2).mean())                   # [0, 1], float64
+    assert abs(float(pixel_mse(x, y)) - reference) <= 1e-15
+    assert abs(float(pixel_mse(x, y, (-1.0, 1.0))) - 4 * reference) <= 1e-14 * 4 * reference
+    # computed on the mapped images, as OSEDiff's code does
+    assert abs(float(pixel_mse(x, y, (-1.0, 1.0))) - float((((2 * x - 1) - (2 * y - 1)) ** 2).mean())) <= 1e-15
+
+
+def test_paper_config_freezes_the_embedding_and_the_option_trains_it(tmp_path, setup):
+    # The paper's config (Fig. 1: only the UNet LoRA is trained) on the tiny models: the embedding
+    # has no gradient, is not in the generator's optimizer and is bit-identical after a step.
+    # generator.train_embedding true (ours) trains it. A random start (models.embedding_file) so
+    # that the attention layers pass it a gradient.
+    from safetensors.torch import save_file
+    emb = str(tmp_path / "embedding.safetensors")
+    save_file({"text_embedding": torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0))}, emb)
+    tiny = {"output_dir": str(tmp_path / "out"), "device": "cpu",
+            "models": {"generator": setup["generator"], "discriminator": setup["discriminator"],
+                       "embedding_file": emb},
+            "generator": {"lora_rank": 4, "lora_alpha": 4},
+            "discriminator": {"lora_rank": 4, "lora_alpha": 4},
+            "loss": {"pretrained_vgg": False},
+            "train": {"steps": 1, "batch_size": 1, "crop": 16, "precision": "fp32"},
+            "data": {"folders": [setup["data"]], "degradation": "bicubic", "num_workers": 0}}
+    paper = str(ROOT / "training" / "configs" / "d3sr_paper.yaml")
+    for option in (None, True):
+        overrides = tiny if option is None else {**tiny, "generator": {**tiny["generator"], "train_embedding": True}}
+        trainer = Trainer(load_config(paper, overrides))
+        before = trainer.G.embedding.detach().clone()
+        in_optimizer = any(p is trainer.G.embedding for group in trainer.opt_g.param_groups for p in group["params"])
+        trainer.train_step([fixed_batch(5)])
+        after = trainer.G.embedding.detach()
+        if option is None:
+            assert trainer.cfg.generator.train_embedding is False
+            assert not trainer.G.embedding.requires_grad and not in_optimizer
+            assert torch.equal(before, after)
+            assert trainer.export_weights().text_embedding.equal(before)
+        else:
+            assert trainer.G.embedding.requires_grad and in_optimizer
+            assert not torch.equal(before, after)

@@ -5,7 +5,13 @@ fields, booleans refused as numbers, finite numbers for float fields; a number P
 a string, such as `5e-5`, is read as that number; `folders: data/x` is one folder) and then
 against its range (`validate`), before anything is loaded. Errors are one line naming the key.
 
-Defaults are D3SR.md's (paper, or ours where the paper is silent; marked "ours").
+Defaults are D3SR.md's (paper, or ours where the paper is silent; marked "ours"). The choices
+that shape what the model learns, and whose they are (docs/training.md, "Paper or ours"):
+- generator.train_embedding false: the paper's (Fig. 1: only the UNet LoRA is trained); true is ours.
+- data.usm_target sharpened: ours (Real-ESRGAN's convention, whose degradation the paper uses):
+  the LR is made from the unsharp-masked HR and MSE + EA-DISTS target it, the discriminator's
+  real sample is the plain HR. none: no sharpening anywhere (OSEDiff's code).
+- loss.mse_range [0, 1]: ours; [-1, 1] (OSEDiff's code) weighs the MSE term 4x.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class GeneratorConfig:
     timestep: int = 399        # T_L (ours: the paper says "intermediate")
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    train_embedding: bool = True  # ours: the fixed embedding is trained with the LoRA
+    train_embedding: bool = False  # paper (Fig. 1): the embedding stays frozen; true (train it) is ours
 
 
 @dataclass
@@ -56,6 +62,9 @@ class DiscriminatorConfig:
 class LossConfig:
     lambda_perceptual: float = 1.0   # lambda2, EA-DISTS (ours)
     lambda_gan: float = 0.5          # lambda1 (ours)
+    # Pixel range the MSE term is computed on (images mapped from [0, 1] first); ours. [-1, 1]
+    # (OSEDiff's code) gives 4x the [0, 1] value, i.e. a 4x heavier MSE against the other terms.
+    mse_range: tuple[float, float] = (0.0, 1.0)
     perceptual: str = "ea_dists"     # ea_dists | dists | none
     pretrained_vgg: bool = True      # False: seeded random VGG + uniform alpha/beta (tests only)
     vgg_path: str | None = None      # torchvision-format VGG16 file (else training.pretrained fetches it)
@@ -92,6 +101,13 @@ class DataConfig:
     # Every probability and range of the Real-ESRGAN pipeline (defaults: Real-ESRGAN's x4 options;
     # see training/degradation.py). Its `scale` is ignored: train.scale is used.
     realesrgan: DegradationConfig = field(default_factory=DegradationConfig)
+    # The training pair (training.data.training_pair). sharpened (ours; Real-ESRGAN's convention):
+    # the HR crop is unsharp-masked once, the LR is made from it and MSE + EA-DISTS target it; the
+    # discriminator's real sample is the plain HR. none (OSEDiff's code): no sharpening at all.
+    usm_target: str = "sharpened"
+    usm_weight: float = 0.5           # Real-ESRGAN's unsharp mask: amount,
+    usm_threshold: float = 10.0       # residual threshold on the 0..255 scale,
+    usm_radius: int = 50              # blur kernel size (made odd: 51; sigma 8 as OpenCV derives it)
     num_workers: int = 4
     prefetch_factor: int = 2
 
@@ -127,6 +143,16 @@ class Config:
         """A JSON-able dict of the whole config (stored in checkpoints and exported files)."""
         return dataclasses.asdict(self)
 
+
+MSE_RANGES = ((0.0, 1.0), (-1.0, 1.0))
+USM_TARGETS = ("sharpened", "none")
+# Keys that moved: the message names the new place.
+_MOVED = {
+    "data.realesrgan.usm_sharpen": "data.usm_target (sharpened | none)",
+    "data.realesrgan.usm_weight": "data.usm_weight",
+    "data.realesrgan.usm_threshold": "data.usm_threshold",
+    "data.realesrgan.usm_radius": "data.usm_radius",
+}
 
 # A number as YAML writes it; PyYAML (YAML 1.1) leaves exponents without a dot ("5e-5") as strings.
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -201,6 +227,11 @@ def _build(base, data: dict, where: str):
         raise ConfigError(f"config section '{where or 'top level'}' must be a mapping, got {_show(data)}")
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(data) - fields)
+    for name in unknown:
+        moved = _MOVED.get(f"{where}.{name}".lstrip("."))
+        if moved:
+            raise ConfigError(f"config key '{where}.{name}' has moved: set {moved} instead "
+                              f"(the unsharp mask belongs to the training pair, not the degradation)")
     if unknown:
         raise ConfigError(f"unknown config key(s) in '{where or 'top level'}': {', '.join(map(str, unknown))} "
                           f"(known: {', '.join(sorted(fields))})")
@@ -242,6 +273,8 @@ def _model_checks(cfg: Config) -> list[tuple[bool, str]]:
         _at_least("loss.lambda_perceptual", cfg.loss.lambda_perceptual, 0),
         _at_least("loss.lambda_gan", cfg.loss.lambda_gan, 0),
         _one_of("loss.perceptual", cfg.loss.perceptual, ("ea_dists", "dists", "none")),
+        (tuple(cfg.loss.mse_range) in MSE_RANGES,
+         f"loss.mse_range must be [0, 1] or [-1, 1], got {list(cfg.loss.mse_range)}"),
         _positive("optim.lr_generator", o.lr_generator),
         _positive("optim.lr_discriminator", o.lr_discriminator),
         (all(0 <= b < 1 for b in o.betas), f"optim.betas must both be in [0, 1), got {list(o.betas)}"),
@@ -278,6 +311,10 @@ def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.data.degradation != "realesrgan" or t.crop >= min_crop,
          f"train.crop {t.crop} is too small for the Real-ESRGAN degradation (needs >= {min_crop} "
          f"at scale {t.scale}); use a larger crop or data.degradation: bicubic"),
+        _one_of("data.usm_target", cfg.data.usm_target, USM_TARGETS),
+        _at_least("data.usm_weight", cfg.data.usm_weight, 0),
+        _at_least("data.usm_threshold", cfg.data.usm_threshold, 0),
+        _at_least("data.usm_radius", cfg.data.usm_radius, 1),
         _at_least("data.num_workers", cfg.data.num_workers, 0),
         _at_least("data.prefetch_factor", cfg.data.prefetch_factor, 1),
         _one_of("device", cfg.device, ("auto", "cpu", "cuda")),

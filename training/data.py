@@ -1,4 +1,5 @@
-"""HR image folders -> random crops, a resumable sharded sampler, and the on-device degradation.
+"""HR image folders -> random crops, a resumable sharded sampler, the on-device degradation
+and the training pair (the loss target and the LR made from it).
 
 Crops are BCHW float in [0, 1], `crop` x `crop`. Every random choice is seeded from
 (seed, epoch, image index), so the stream of batches is the same however many loader workers
@@ -7,6 +8,7 @@ run and wherever a resumed run starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from d3sr_core.image_io import IMAGE_EXTENSIONS, image_size, is_image_file, read_image
+
+from .degradation import DegradationConfig, RealESRGANDegradation, usm_sharpen
 
 log = logging.getLogger("d3sr.train")
 
@@ -143,7 +147,31 @@ def make_degradation(name: str, scale: int, options=None) -> Callable[[torch.Ten
     or 'bicubic'."""
     if name == "bicubic":
         return bicubic_degradation(scale)
-    import dataclasses
-
-    from .degradation import DegradationConfig, RealESRGANDegradation
     return RealESRGANDegradation(dataclasses.replace(options or DegradationConfig(), scale=scale))
+
+
+def training_pair(
+    hr: torch.Tensor,
+    degrade: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    generator: torch.Generator,
+    usm_target: str = "sharpened",
+    usm_weight: float = 0.5,
+    usm_threshold: float = 10.0,
+    usm_radius: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HR crops (B, 3, H, W) in [0, 1] -> (target, LR): the image the pixel and perceptual losses
+    compare with, and the LR (B, 3, H/scale, W/scale) made from that same image by `degrade`.
+
+    usm_target 'sharpened' (Real-ESRGAN's convention; the config's default, our choice): target =
+    the unsharp-masked HR (``usm_sharpen`` with the given weight, threshold on the 0..255 scale and
+    radius). 'none' (OSEDiff's): target = the HR itself. Either way the discriminator's real
+    sample is the plain HR (the caller encodes `hr`, not the target). The mask is applied per
+    crop (Real-ESRGAN sharpens the whole image before cropping; only the crop's outer 25 pixels,
+    where the blur reflects at the border, can differ)."""
+    if usm_target == "sharpened":
+        target = usm_sharpen(hr, usm_weight, usm_threshold, usm_radius)
+    elif usm_target == "none":
+        target = hr
+    else:
+        raise ValueError(f"usm_target '{usm_target}' is not one of sharpened/none")
+    return target, degrade(target, generator)

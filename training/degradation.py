@@ -3,9 +3,10 @@
 HR (B, 3, H, W) in [0, 1] -> LR (B, 3, H / scale, W / scale) in [0, 1], quantised to
 multiples of 1/255. Stages, with Real-ESRGAN's default parameters (``DegradationConfig``):
 
-0. unsharp masking of the HR (weight 0.5, threshold 10/255, 51x51 blur; Real-ESRGAN degrades
-   the sharpened image; ``usm_sharpen`` is public so a training loop can sharpen its targets
-   the same way);
+0. (not here) unsharp masking: Real-ESRGAN degrades an unsharp-masked HR. This pipeline
+   does not sharpen: ``usm_sharpen`` is a separate step, so that a training loop sharpens the
+   HR once and makes the LR from the very image its losses target (training.data.training_pair;
+   Real-ESRGAN's full recipe is ``degrade(usm_sharpen(hr))``);
 1. blur with a per-sample random kernel (iso / aniso Gaussian, generalised Gaussian,
    plateau, or with ``sinc_prob`` a sinc low-pass), kernel size odd in [7, 21], padded to 21;
    sinc cutoff in [pi/3, pi] below size 13, else in [pi/5, pi];
@@ -100,10 +101,6 @@ class DegradationConfig:
     kernel_size_min: int = 7
     first: StageConfig = field(default_factory=StageConfig)
     second: StageConfig = field(default_factory=_second_stage)
-    usm_sharpen: bool = True  # Real-ESRGAN degrades the unsharp-masked HR, see usm_sharpen()
-    usm_weight: float = 0.5
-    usm_threshold: float = 10.0  # on the 0..255 scale
-    usm_radius: int = 50  # Real-ESRGAN's name for the blur kernel size (made odd: 51)
     second_blur_prob: float = 0.8
     final_sinc_prob: float = 0.8
     final_sinc_cutoff: tuple[float, float] = (math.pi / 3, math.pi)
@@ -375,9 +372,7 @@ class RealESRGANDegradation:
             raise ValueError("pass a CPU torch.Generator; noise images use a device generator seeded from it")
         dev_gen = torch.Generator(device=hr.device)
         dev_gen.manual_seed(int(torch.randint(2**62, (), generator=gen)))
-        out = hr.float()
-        if cfg.usm_sharpen:
-            out = usm_sharpen(out, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius)
+        out = hr.float()  # sharpening, if any, is the caller's (usm_sharpen, see the module docstring)
 
         # First order.
         kernels = torch.stack([random_blur_kernel(gen, cfg.first, cfg) for _ in range(b)])

@@ -1,4 +1,5 @@
-"""The trainable D3SR generator: SD2.1-base (loaded with ComfyUI) + LoRA + a trainable embedding.
+"""The trainable D3SR generator: SD2.1-base (loaded with ComfyUI) + LoRA + the fixed embedding
+(an nn.Parameter; frozen by default as in the paper, trained with generator.train_embedding).
 
 The UNet step is `d3sr_core.pipeline.predict_x0`, the same function the nodes run, so what
 trains is what `D3SRUpscale` computes after export:
@@ -48,9 +49,10 @@ def load_generator_models(path: str, dtype: torch.dtype = torch.float32):
 
 
 def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
-    """The initial fixed embedding [1, 77, 1024]: `cache_file` (safetensors with tensor
-    'text_embedding') if given, else SD2.1's text encoder on "", else zeros with a warning
-    (checkpoints without a text encoder, e.g. the generated test models)."""
+    """The fixed embedding [1, 77, 1024] (its start, when generator.train_embedding trains it):
+    `cache_file` (safetensors with tensor 'text_embedding') if given, else SD2.1's text encoder
+    on "", else zeros with a warning (checkpoints without a text encoder, e.g. the generated
+    test models)."""
     if cache_file:
         from safetensors.torch import load_file
         emb = load_file(cache_file)["text_embedding"].float()
@@ -59,8 +61,8 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
                                  f"expected {list(EMBEDDING_SHAPE)}")
         return emb
     if clip is None:
-        log.warning("the generator checkpoint has no text encoder: the fixed embedding starts "
-                    "at zeros (set models.embedding_file to start from SD2.1's empty prompt)")
+        log.warning("the generator checkpoint has no text encoder: the fixed embedding is zeros "
+                    "(set models.embedding_file to use SD2.1's empty prompt)")
         return torch.zeros(EMBEDDING_SHAPE)
     tokens = clip.tokenize("")
     cond = clip.encode_from_tokens(tokens).float().cpu()

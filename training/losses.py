@@ -1,4 +1,5 @@
-"""The generator's perceptual loss as the config asks for it (EA-DISTS, DISTS or none)."""
+"""The generator's pixel loss (MSE on a stated pixel range) and perceptual loss as the config asks
+for it (EA-DISTS, DISTS or none)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .config import Config
 from .dists import DISTS, EADISTS, STAGE_CHANNELS, VGG16_BLOCKS
@@ -26,6 +28,14 @@ def random_vgg16_features(seed: int = 0) -> dict[str, torch.Tensor]:
             out[f"features.{index}.bias"] = torch.zeros(width)
             in_ch = width
     return out
+
+
+def pixel_mse(x: torch.Tensor, y: torch.Tensor, pixel_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Mean squared error of two images given in [0, 1] (any equal shapes), computed after mapping
+    both linearly to `pixel_range` (loss.mse_range): [0, 1] as given, [-1, 1] as OSEDiff's code
+    computes it, which is (hi - lo)^2 = 4 times the [0, 1] value. Returns a scalar tensor."""
+    lo, hi = (float(v) for v in pixel_range)
+    return F.mse_loss(lo + (hi - lo) * x, lo + (hi - lo) * y)
 
 
 def build_perceptual(cfg: Config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

@@ -1,11 +1,14 @@
 """One rank's D3SR training state and its iteration (D step, then G step).
 
     L_D = softplus(-D(F(z_H, t))) + softplus(D(F(z_H_hat, t)))          (patch means)
-    L_G = MSE(x_H_hat, x_H) + lambda2 EA-DISTS(x_H_hat, x_H) + lambda1 softplus(-D(F(z_H_hat, t)))
-with z_H = 0.18215 E(x_H), z_H_hat = the generator's one step on the degraded, bicubic-upsampled
-LR, x_H_hat its decoding, F(z, t) = sqrt(abar_t) z + sqrt(1 - abar_t) n, t ~ U{0..999}.
+    L_G = MSE(x_H_hat, y) + lambda2 EA-DISTS(x_H_hat, y) + lambda1 softplus(-D(F(z_H_hat, t)))
+with z_H = 0.18215 E(x_H) of the plain HR, y the loss target (the unsharp-masked HR with
+data.usm_target 'sharpened', else the HR), z_H_hat = the generator's one step on the LR degraded
+from y and bicubic-upsampled, x_H_hat its decoding, F(z, t) = sqrt(abar_t) z + sqrt(1 - abar_t) n,
+t ~ U{0..999}; the MSE on loss.mse_range's pixel range (training.losses.pixel_mse).
 Across ranks both networks are wrapped in DistributedDataParallel, which averages the trainable
-gradients (LoRA, head, embedding; the frozen networks live outside the wrapped modules).
+gradients (LoRA, head, and the embedding when generator.train_embedding is set; the frozen
+networks live outside the wrapped modules).
 ComfyUI must be imported for the rank's device (d3sr_core.host.import_comfy) before this module.
 """
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +25,7 @@ from d3sr_core.weight_format import D3SRWeights
 
 from .checkpoint import atomic_torch_save, checkpoint_path, prune, rng_state, set_rng_state, write_export
 from .config import Config, ConfigError
-from .data import list_images, make_degradation, scan_images
+from .data import list_images, make_degradation, scan_images, training_pair
 from .discriminator import (
     Discriminator,
     d_loss,
@@ -34,7 +36,7 @@ from .discriminator import (
 )
 from .distributed import resolve_device
 from .generator import Generator, empty_prompt_embedding, load_generator_models
-from .losses import build_perceptual
+from .losses import build_perceptual, pixel_mse
 from .model_files import check_model_file
 from .precision import at_least_fp32, precision
 
@@ -88,7 +90,7 @@ class Trainer:
         del clip
         g = Generator(model, vae, embedding, gc.timestep, gc.lora_rank, gc.lora_alpha, seed=cfg.seed,
                       gradient_checkpointing=cfg.train.gradient_checkpointing).to(self.device)
-        g.embedding.requires_grad_(gc.train_embedding)
+        g.embedding.requires_grad_(gc.train_embedding)  # frozen (paper) unless the option is on
         g.move_frozen(self.device, frozen_dtype)
         return g
 
@@ -122,10 +124,14 @@ class Trainer:
 
     @torch.no_grad()
     def prepare(self, hr: torch.Tensor, micro: int) -> dict:
-        """HR crops -> LR (degraded on the device), its bicubic upsampling, z_L, z_H, t and noise."""
+        """HR crops -> the loss target and the LR degraded from it on the device
+        (training.data.training_pair), the LR's bicubic upsampling, z_L, z_H (of the plain HR:
+        the discriminator's real sample), t and noise."""
         gen = self._generator(micro)
         hr = hr.to(self.device, non_blocking=True).float()
-        lr = self.degrade(hr, gen)
+        dc = self.cfg.data
+        target, lr = training_pair(hr, self.degrade, gen, dc.usm_target, dc.usm_weight, dc.usm_threshold,
+                                   dc.usm_radius)
         lr_up = bicubic_upsample(lr, tuple(hr.shape[-2:]))
         with self._autocast():
             z_l, z_h = self.G.encode(lr_up), self.G.encode(hr)
@@ -136,7 +142,7 @@ class Trainer:
         n_real = torch.randn(z_h.shape, generator=gen)
         n_fake = torch.randn(z_h.shape, generator=gen)
         dev = self.device
-        return {"hr": hr, "lr_up": lr_up, "z_l": z_l, "z_h": z_h, "t_real": t_real.to(dev),
+        return {"hr": hr, "target": target, "lr_up": lr_up, "z_l": z_l, "z_h": z_h, "t_real": t_real.to(dev),
                 "t_fake": t_fake.to(dev), "n_real": n_real.to(dev), "n_fake": n_fake.to(dev)}
 
     def _grad_sync(self, wrapper: nn.Module, last_micro: bool):
@@ -204,9 +210,9 @@ class Trainer:
                 with self._autocast():
                     z_hat = self.g_ddp(b["z_l"]).float()
                     x_hat = at_least_fp32(self.G.decode(z_hat))
-                    hr = b["hr"].to(x_hat.dtype)
-                    mse = F.mse_loss(x_hat, hr)
-                    perc = (self.perceptual(x_hat, hr).mean() if self.perceptual is not None
+                    target = b["target"].to(x_hat.dtype)
+                    mse = pixel_mse(x_hat, target, lc.mse_range)
+                    perc = (self.perceptual(x_hat, target).mean() if self.perceptual is not None
                             else torch.zeros((), device=self.device))
                     fake = self.D(noise_latent(z_hat, b["t_fake"], b["n_fake"]), b["t_fake"], size)
                     adv = g_adv_loss(fake)
