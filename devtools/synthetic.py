@@ -44,13 +44,18 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            # In place for float32 parameters (no temporary of the size of the model's largest
+            # layer); the same draws and the same float32 arithmetic as a fresh randn tensor.
+            noise = p if p.dtype == torch.float32 and p.is_contiguous() else torch.empty(p.shape)
+            noise.normal_(generator=gen)
             if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
+                noise.div_(math.sqrt(p[0].numel()))
             elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
+                noise.mul_(0.1).add_(1.0)
             else:
-                p.copy_(0.02 * noise)
+                noise.mul_(0.02)
+            if noise is not p:
+                p.copy_(noise)
     return module
 
 
