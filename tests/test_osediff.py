@@ -220,8 +220,8 @@ def test_stray_keys_are_reported_not_dropped(osediff_file):
         osediff.convert_osediff(bad, synthetic.TINY_SD2_UNET_CONFIG)
 
 
-def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models_dir, osediff_file, lr,
-                                                      pkl_output, tmp_path, capsys):
+def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, sd2_clip_file, models_dir, osediff_file,
+                                                      lr, pkl_output, tmp_path, capsys):
     model, vae = tiny_sd2
     # --checkpoint gives the UNet layout (the tiny one here); it has no text encoder, so no
     # embedding is stored and CLIP is connected at load time.
@@ -245,7 +245,7 @@ def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models
 
     # A checkpoint with its text encoder stores CLIP(prompt): the file then works in the plain
     # D3SR loader, no CLIP needed, with the identical result.
-    ckpt = str(models_dir / "checkpoints" / "tiny-sd2-clip.safetensors")
+    ckpt = str(sd2_clip_file)
     assert osediff.main(args[:3] + ["--force", "--checkpoint", ckpt, "--prompt", PROMPT]) == 0
     assert "no prompt embedding stored" not in capsys.readouterr().out
     w = read_weights(str(out_path))
