@@ -68,6 +68,15 @@ def build_unet(config: dict, seed: int = 0, device: str = "cpu", dtype: torch.dt
     return seeded_init_(unet, seed).to(device=device, dtype=dtype)
 
 
+def unet_layout(config: dict) -> torch.nn.Module:
+    """A ComfyUI UNetModel with `config` on the meta device: its layer names and shapes without
+    weights (what random_d3sr_weights reads), built in milliseconds."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        return UNetModel(**config, operations=comfy.ops.disable_weight_init)
+
+
 def build_kl_vae(seed: int = 1) -> torch.nn.Module:
     """ComfyUI's AutoencoderKL with SD's config and seeded weights."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -121,8 +130,9 @@ def add_sd2_text_encoder(src: str, path: str, seed: int = 0) -> str:
 
 def random_d3sr_weights(unet: torch.nn.Module, timestep: int = 399, rank: int = 4,
                         alpha: float = 4.0, seed: int = 0, lora_std: float = 0.05) -> D3SRWeights:
-    """D3SR weights with random (non-zero) LoRA on every target layer of `unet` and a random
-    embedding; lora_std sets the size of the A and B entries."""
+    """D3SR weights with random (non-zero) LoRA on every target layer of `unet` (only its layer
+    names and shapes are read: unet_layout will do) and a random embedding; lora_std sets the
+    size of the A and B entries."""
     gen = torch.Generator().manual_seed(seed)
     modules = dict(unet.named_modules())
     lora = {}
@@ -145,8 +155,8 @@ def write_demo_files(models_dir: str, seed: int = 0, timestep: int = 399) -> tup
         write_checkpoint(ckpt, seed=seed)
     weights_path = os.path.join(models_dir, "d3sr", d3sr_name)
     if not os.path.exists(weights_path):
-        unet = build_unet(TINY_SD2_UNET_CONFIG, seed)
-        write_weights(weights_path, random_d3sr_weights(unet, timestep=timestep, seed=seed))
+        write_weights(weights_path, random_d3sr_weights(unet_layout(TINY_SD2_UNET_CONFIG), timestep=timestep,
+                                                        seed=seed))
     return ckpt_name, d3sr_name
 
 

@@ -54,12 +54,12 @@ def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
     torch.save(make_osediff_dict(str(tiny))[0], root / "d3sr" / "osediff-tiny.pkl")
     synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd1.safetensors"),
                                unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)
-    unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
+    unet = synthetic.unet_layout(synthetic.TINY_SD2_UNET_CONFIG)
     for t, seed in ((399, 10), (250, 11)):
         w = synthetic.random_d3sr_weights(unet, timestep=t, seed=seed)
         write_weights(str(root / "d3sr" / f"tiny-t{t}.safetensors"), w)
         write_weights(str(root / "loras" / f"tiny-t{t}.safetensors"), w)
-    deeper = synthetic.build_unet(synthetic.TINY_SD2_3LEVEL_UNET_CONFIG, seed=5)
+    deeper = synthetic.unet_layout(synthetic.TINY_SD2_3LEVEL_UNET_CONFIG)
     write_weights(str(root / "d3sr" / "other-layers.safetensors"),
                   synthetic.random_d3sr_weights(deeper, seed=12))
     return root
