@@ -45,13 +45,18 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            # In place for float32 parameters (no temporary of the size of the model's largest
+            # layer); the same draws and the same float32 arithmetic as a fresh randn tensor.
+            noise = p if p.dtype == torch.float32 and p.is_contiguous() else torch.empty(p.shape)
+            noise.normal_(generator=gen)
             if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
+                noise.div_(math.sqrt(p[0].numel()))
             elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
+                noise.mul_(0.1).add_(1.0)
             else:
-                p.copy_(0.02 * noise)
+                noise.mul_(0.02)
+            if noise is not p:
+                p.copy_(noise)
     return module
 
 
@@ -59,6 +64,15 @@ def build_unet(config: dict, seed: int = 0, device: str = "cpu", dtype: torch.dt
                ) -> torch.nn.Module:
     """A ComfyUI UNetModel with `config` and seeded weights."""
     return seeded_init_(comfy_internals.build_unet(config), seed).to(device=device, dtype=dtype)
+
+
+def unet_layout(config: dict) -> torch.nn.Module:
+    """A ComfyUI UNetModel with `config` on the meta device: its layer names and shapes without
+    weights (what random_d3sr_weights reads), built in milliseconds."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        return UNetModel(**config, operations=comfy.ops.disable_weight_init)
 
 
 def build_kl_vae(seed: int = 1) -> torch.nn.Module:
@@ -73,29 +87,49 @@ def build_sd2_text_encoder(seed: int = 2) -> torch.nn.Module:
     return seeded_init_(sd2_clip.SD2ClipModel(device="cpu", dtype=torch.float32), seed)
 
 
+def sd2_text_encoder_tensors(seed: int = 2) -> dict[str, torch.Tensor]:
+    """A seeded SD2 text encoder (build_sd2_text_encoder) as an SD2 checkpoint stores it:
+    cond_stage_model.model.* in fp16 (0.7 GB)."""
+    import comfy.supported_models
+    clip_sd = build_sd2_text_encoder(seed).state_dict()
+    saved = comfy.supported_models.SD20(TINY_SD2_UNET_CONFIG).process_clip_state_dict_for_saving(clip_sd)
+    return {k: v.half() for k, v in saved.items()}
+
+
 def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: int = 0,
-                     text_encoder: bool = False, extra_tensors: dict | None = None) -> str:
+                     text_encoder: bool = False, extra_tensors: dict | None = None, vae: bool = True) -> str:
     """Write an SD-style checkpoint (model.diffusion_model.* + first_stage_model.*) that ComfyUI's
     CheckpointLoaderSimple loads. With `text_encoder` (SD2 configs only) it also holds a seeded
     SD2 text encoder in fp16 (cond_stage_model.model.*, 0.7 GB), so the loader returns a real
-    CLIP. The UNet and VAE depend on `seed` only, not on `text_encoder`. Returns `path`."""
-    unet, vae = build_unet(unet_config, seed), build_kl_vae(seed + 1)
-    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    CLIP. The UNet and VAE depend on `seed` only, not on `text_encoder`. `vae` False leaves the
+    VAE out (for a file only the trainer's discriminator reads: ComfyUI's loader knows SD's
+    VAE at full size only). Returns `path`."""
+    sd = {"model.diffusion_model." + k: v for k, v in build_unet(unet_config, seed).state_dict().items()}
+    if vae:
+        sd.update({"first_stage_model." + k: v for k, v in build_kl_vae(seed + 1).state_dict().items()})
     if text_encoder:
-        import comfy.supported_models
-        clip_sd = build_sd2_text_encoder(seed + 2).state_dict()
-        saved = comfy.supported_models.SD20(unet_config).process_clip_state_dict_for_saving(clip_sd)
-        sd.update({k: v.half() for k, v in saved.items()})
+        sd.update(sd2_text_encoder_tensors(seed + 2))
     sd.update(extra_tensors or {})
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
+    return path
+
+
+def add_sd2_text_encoder(src: str, path: str, seed: int = 0) -> str:
+    """Write `path`: the SD2 checkpoint `src` that write_checkpoint made with `seed`, plus the text
+    encoder write_checkpoint(text_encoder=True) adds for that seed; the same tensors as that call,
+    without building the UNet and VAE again. Returns `path`."""
+    from safetensors.torch import load_file
+    sd = load_file(src)
+    sd.update(sd2_text_encoder_tensors(seed + 2))
     atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
     return path
 
 
 def random_d3sr_weights(unet: torch.nn.Module, timestep: int = 399, rank: int = 4,
                         alpha: float = 4.0, seed: int = 0, lora_std: float = 0.05) -> D3SRWeights:
-    """D3SR weights with random (non-zero) LoRA on every target layer of `unet` and a random
-    embedding; lora_std sets the size of the A and B entries."""
+    """D3SR weights with random (non-zero) LoRA on every target layer of `unet` (only its layer
+    names and shapes are read: unet_layout will do) and a random embedding; lora_std sets the
+    size of the A and B entries."""
     gen = torch.Generator().manual_seed(seed)
     modules = dict(unet.named_modules())
     lora = {}
@@ -118,8 +152,8 @@ def write_demo_files(models_dir: str, seed: int = 0, timestep: int = 399) -> tup
         write_checkpoint(ckpt, seed=seed)
     weights_path = os.path.join(models_dir, "d3sr", d3sr_name)
     if not os.path.exists(weights_path):
-        unet = build_unet(TINY_SD2_UNET_CONFIG, seed)
-        write_weights(weights_path, random_d3sr_weights(unet, timestep=timestep, seed=seed))
+        write_weights(weights_path, random_d3sr_weights(unet_layout(TINY_SD2_UNET_CONFIG), timestep=timestep,
+                                                        seed=seed))
     return ckpt_name, d3sr_name
 
 
@@ -130,18 +164,26 @@ MINI_SDXL_UNET_CONFIG = dict(
     TINY_SDXL_UNET_CONFIG, model_channels=64)
 
 
+def build_sdxl_text_encoders(seed: int = 2) -> torch.nn.Module:
+    """ComfyUI's SDXL text encoders (SDXLClipModel: CLIP-L and OpenCLIP bigG, full size, 0.8 B
+    parameters) with seeded weights."""
+    from comfy import sdxl_clip
+    return seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), seed)
+
+
 def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0,
-                          text_encoders: bool = False) -> str:
+                          text_encoders: bool | torch.nn.Module = False, vae: bool = True) -> str:
     """Write an SDXL-style checkpoint (model.diffusion_model.* + first_stage_model.*) with an
-    SDXL-shaped UNet. With `text_encoders` it also holds ComfyUI's SDXL text encoders (CLIP-L and
-    OpenCLIP bigG, full size, seeded, fp16, conditioner.embedders.*: 1.6 GB). Returns `path`."""
+    SDXL-shaped UNet. With `text_encoders` it also holds ComfyUI's SDXL text encoders in fp16
+    (conditioner.embedders.*: 1.6 GB): True builds them seeded (build_sdxl_text_encoders with
+    seed + 2), an SDXLClipModel given here is stored as it is. `vae` False leaves the VAE out
+    (the trainer's discriminator never reads it). Returns `path`."""
     if unet_config.get("context_dim") != 2048 or unet_config.get("adm_in_channels") != 2816:
         raise ValueError("an SDXL-shaped UNet config needs context_dim 2048 and adm_in_channels 2816")
     extra = {}
-    if text_encoders:
+    if text_encoders is not False:
         import comfy.supported_models
-        from comfy import sdxl_clip
-        clip = seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), seed + 2)
+        clip = build_sdxl_text_encoders(seed + 2) if text_encoders is True else text_encoders
         saved = comfy.supported_models.SDXL(unet_config).process_clip_state_dict_for_saving(clip.state_dict())
         extra = {k: v.half() if v.is_floating_point() else v for k, v in saved.items()}
-    return write_checkpoint(path, unet_config, seed, extra_tensors=extra)
+    return write_checkpoint(path, unet_config, seed, extra_tensors=extra, vae=vae)

@@ -21,9 +21,10 @@ from . import synthetic
 
 def prepare_tiny_setup(root: str, images: int = 6, size: int = 48, seed: int = 0) -> dict[str, str]:
     """Write what training/configs/tiny_cpu.yaml expects under `root`: models/tiny-sd2.safetensors
-    (SD2-shaped, ComfyUI detects it as SD2.x), models/mini-sdxl.safetensors (SDXL-shaped) and
-    data/ with `images` seeded smooth random RGB images of `size` x `size` pixels. Returns
-    {"generator", "discriminator", "data"} paths; existing model files are kept."""
+    (SD2-shaped, ComfyUI detects it as SD2.x), models/mini-sdxl.safetensors (SDXL-shaped UNet
+    only: the discriminator reads no VAE) and data/ with `images` seeded smooth random RGB
+    images of `size` x `size` pixels. Returns {"generator", "discriminator", "data"} paths;
+    existing model files are kept."""
     host.import_comfy()
     paths = {"generator": os.path.join(root, "models", "tiny-sd2.safetensors"),
              "discriminator": os.path.join(root, "models", "mini-sdxl.safetensors"),
@@ -31,7 +32,8 @@ def prepare_tiny_setup(root: str, images: int = 6, size: int = 48, seed: int = 0
     if not os.path.exists(paths["generator"]):
         synthetic.write_checkpoint(paths["generator"], synthetic.TINY_SD2_UNET_CONFIG, seed=seed)
     if not os.path.exists(paths["discriminator"]):
-        synthetic.write_sdxl_checkpoint(paths["discriminator"], synthetic.MINI_SDXL_UNET_CONFIG, seed=seed + 7)
+        synthetic.write_sdxl_checkpoint(paths["discriminator"], synthetic.MINI_SDXL_UNET_CONFIG, seed=seed + 7,
+                                        vae=False)
     os.makedirs(paths["data"], exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(images):

@@ -25,10 +25,21 @@ from comfy_server import ComfyServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """A ComfyUI models folder: a tiny SD2 checkpoint (also as tiny-sd2-clip with a seeded
-    full-size SD2 text encoder), an SD1.x-shaped one, D3SR files at two timesteps (T_L 399 and
-    250), one whose layers do not match the tiny SD2 model, and an OSEDiff-format .pkl."""
+def tiny_sd2_file(tmp_path_factory) -> Path:
+    """The tiny SD2 checkpoint (synthetic.write_checkpoint with seed 0: UNet, full-size KL VAE,
+    no text encoder), written once per session. models_dir and tiny_setup hold hard links to it;
+    nothing may change it."""
+    from devtools import synthetic
+    path = tmp_path_factory.mktemp("generated") / "tiny-sd2.safetensors"
+    return Path(synthetic.write_checkpoint(str(path), seed=0))
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
+    """A ComfyUI models folder: a tiny SD2 checkpoint, an SD1.x-shaped one, D3SR files at two
+    timesteps (T_L 399 and 250), one whose layers do not match the tiny SD2 model, and an
+    OSEDiff-format .pkl. The tiny SD2 checkpoint with a text encoder (tiny-sd2-clip) is added
+    only when a test asks for it (the sd2_clip_file fixture)."""
     import torch
     from reference_osediff import make_osediff_dict
 
@@ -38,22 +49,30 @@ def models_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     for sub in ("checkpoints", "d3sr", "loras"):
         (root / sub).mkdir()
-    synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd2.safetensors"), seed=0)
-    synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd2-clip.safetensors"), seed=0,
-                               text_encoder=True)
-    torch.save(make_osediff_dict(str(root / "checkpoints" / "tiny-sd2.safetensors"))[0],
-               root / "d3sr" / "osediff-tiny.pkl")
+    tiny = root / "checkpoints" / "tiny-sd2.safetensors"
+    os.link(tiny_sd2_file, tiny)
+    torch.save(make_osediff_dict(str(tiny))[0], root / "d3sr" / "osediff-tiny.pkl")
     synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd1.safetensors"),
                                unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)
-    unet = synthetic.build_unet(synthetic.TINY_SD2_UNET_CONFIG, seed=0)
+    unet = synthetic.unet_layout(synthetic.TINY_SD2_UNET_CONFIG)
     for t, seed in ((399, 10), (250, 11)):
         w = synthetic.random_d3sr_weights(unet, timestep=t, seed=seed)
         write_weights(str(root / "d3sr" / f"tiny-t{t}.safetensors"), w)
         write_weights(str(root / "loras" / f"tiny-t{t}.safetensors"), w)
-    deeper = synthetic.build_unet(synthetic.TINY_SD2_3LEVEL_UNET_CONFIG, seed=5)
+    deeper = synthetic.unet_layout(synthetic.TINY_SD2_3LEVEL_UNET_CONFIG)
     write_weights(str(root / "d3sr" / "other-layers.safetensors"),
                   synthetic.random_d3sr_weights(deeper, seed=12))
     return root
+
+
+@pytest.fixture(scope="session")
+def sd2_clip_file(models_dir, tiny_sd2_file) -> Path:
+    """models_dir's checkpoints/tiny-sd2-clip.safetensors: the tiny SD2 checkpoint plus a seeded
+    full-size SD2 text encoder (the same file as synthetic.write_checkpoint(seed=0,
+    text_encoder=True)). 354 M parameters to generate, so written only for the tests that ask."""
+    from devtools import synthetic
+    path = models_dir / "checkpoints" / "tiny-sd2-clip.safetensors"
+    return Path(synthetic.add_sd2_text_encoder(str(tiny_sd2_file), str(path), seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +85,41 @@ def tiny_sd2(models_dir):
 
 
 @pytest.fixture(scope="session")
-def sd2_clip(models_dir):
+def sd2_clip(sd2_clip_file):
     """ComfyUI's CLIP (SD2 text encoder, seeded weights) from tiny-sd2-clip, via the checkpoint loader."""
     import comfy.sd
     _model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(
-        str(models_dir / "checkpoints" / "tiny-sd2-clip.safetensors"), output_model=False, output_vae=False)
+        str(sd2_clip_file), output_model=False, output_vae=False)
     assert clip is not None
     return clip
 
 
+def _file_stamps(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
-def server(models_dir, tmp_path_factory):
-    """A real ComfyUI server (the pinned host or $COMFYUI_PATH) with this pack loaded."""
+def tiny_setup(tmp_path_factory, tiny_sd2_file):
+    """devtools.tiny_setup's training set-up (4 images of 40 x 40), made once per session for
+    the training tests, which only read it (every run writes under its own tmp_path; checked
+    when the session ends). Its generator is a hard link to tiny_sd2_file: prepare_tiny_setup
+    writes that same checkpoint (seed 0) and keeps an existing file."""
+    from devtools.tiny_setup import prepare_tiny_setup
+    root = tmp_path_factory.mktemp("tiny_setup")
+    (root / "models").mkdir()
+    os.link(tiny_sd2_file, root / "models" / "tiny-sd2.safetensors")
+    paths = prepare_tiny_setup(str(root), images=4, size=40)
+    assert os.path.samefile(paths["generator"], tiny_sd2_file)
+    before = _file_stamps(root)
+    yield paths
+    assert _file_stamps(root) == before, "a test changed the shared training set-up (tiny_setup)"
+
+
+@pytest.fixture(scope="session")
+def server(models_dir, sd2_clip_file, tmp_path_factory):
+    """A real ComfyUI server (the pinned host or $COMFYUI_PATH) with this pack loaded, over
+    models_dir with tiny-sd2-clip (the OSEDiff workflow's checkpoint)."""
     work = tmp_path_factory.mktemp("server")
     srv = ComfyServer(host.find_comfyui(), ROOT, models_dir, work)
     srv.start()

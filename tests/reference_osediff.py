@@ -218,9 +218,12 @@ def osediff_colour_fix(target, source, method: str):
 
 
 @torch.no_grad()
-def osediff_reference(unet, vae, lr_uint8, embedding: torch.Tensor, method: str = "adain"):
+def osediff_references(unet, vae, lr_uint8, embedding: torch.Tensor,
+                       methods: tuple[str, ...] = ("none", "adain", "wavelet")) -> dict[str, np.ndarray]:
     """OSEDiff's test script on one LR image [h, w, 3] uint8, with the posterior's mode instead
-    of a sample: returns the output image as uint8 [H, W, 3] (numpy)."""
+    of a sample, once per colour-fix method in `methods` ("none", "adain", "wavelet"): returns
+    {method: output image as uint8 [H, W, 3] (numpy)}. The network runs once (the script's
+    steps up to the 8-bit output do not depend on the colour fix)."""
     input_image = osediff_input(lr_uint8)
     lq = ToTensor()(input_image)[None] * 2 - 1
     z = vae.quant_conv(vae.encoder(lq))[:, :4] * LATENT_SCALE        # latent_dist.mode()
@@ -229,6 +232,4 @@ def osediff_reference(unet, vae, lr_uint8, embedding: torch.Tensor, method: str 
     x0 = (z - (1 - a) ** 0.5 * eps) / a ** 0.5                      # DDPMScheduler.step at t = 999
     out = vae.decoder(vae.post_quant_conv(x0 / LATENT_SCALE)).clamp(-1, 1)
     out_pil = ToPILImage()(out[0] * 0.5 + 0.5)
-    if method != "none":
-        out_pil = osediff_colour_fix(out_pil, input_image, method)
-    return np.array(out_pil)
+    return {m: np.array(out_pil if m == "none" else osediff_colour_fix(out_pil, input_image, m)) for m in methods}

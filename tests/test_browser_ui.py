@@ -53,9 +53,9 @@ def _template(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ui(models_dir, tmp_path_factory):
+def ui(models_dir, sd2_clip_file, tmp_path_factory):
     """A ComfyUI server with the frontend, over a models folder of its own (first empty, then
-    holding links to the tiny models), and the page open in Chromium."""
+    holding links to the tiny models, tiny-sd2-clip among them), and the page open in Chromium."""
     binary = find_chromium()
     if binary is None:
         if os.environ.get("D3SR_REQUIRE_BROWSER"):

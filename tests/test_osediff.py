@@ -12,6 +12,7 @@ encoder with seeded weights, loaded from tiny-sd2-clip) fed Hugging Face's token
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import comfy.sd1_clip
@@ -25,7 +26,7 @@ from reference_osediff import (
     make_osediff_dict,
     osediff_colour_fix,
     osediff_input,
-    osediff_reference,
+    osediff_references,
     pil_resize,
     reference_modules,
 )
@@ -40,14 +41,19 @@ LEVEL = 1.0 / 255.0
 PROMPT = "a (tall) building, sky"   # brackets: plain text to OSEDiff, emphasis in ComfyUI's syntax
 
 
+@functools.lru_cache(maxsize=1)
+def _hf_tokenizer():
+    """transformers' CLIPTokenizer on the CLIP vocabulary with SD2.1's pad token "!" (read once)."""
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(str(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"),
+                                         pad_token="!")
+
+
 def literal_embedding(clip, text: str) -> torch.Tensor:
     """OSEDiff's prompt encoding: `tokenizer(text, max_length=77, padding="max_length",
     truncation=True)` with transformers' CLIPTokenizer on the CLIP vocabulary and SD2.1's pad
     token "!", then the text encoder (ComfyUI's SD2 encoder, fed the ids as they are)."""
-    from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(str(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"),
-                                        pad_token="!")
-    ids = tok(text, max_length=77, padding="max_length", truncation=True)["input_ids"]
+    ids = _hf_tokenizer()(text, max_length=77, padding="max_length", truncation=True)["input_ids"]
     return clip.encode_from_tokens({"h": [[(t, 1.0) for t in ids]]}).float()
 
 
@@ -82,6 +88,24 @@ def lr_uint8(shape: tuple[int, ...], seed: int) -> np.ndarray:
                          dtype=torch.uint8).numpy()
 
 
+@pytest.fixture(scope="module")
+def script_outputs(sd2_clip, reference):
+    """OSEDiff's script (tests/reference_osediff.py, prompt PROMPT read literally) on the LR image
+    lr_uint8((h, w, 3), seed): outputs(size, seed, vae_lora=True) -> {colour fix: uint8
+    [H, W, 3]}, with the hand-merged VAE-encoder LoRA or without it. Each is computed once per
+    module (the tests compare against the same images) and must not be changed."""
+    unet, vae, plain_vae = reference
+    emb = literal_embedding(sd2_clip, PROMPT)
+    cache: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def outputs(size: tuple[int, int], seed: int, vae_lora: bool = True) -> dict[str, np.ndarray]:
+        key = (size, seed, vae_lora)
+        if key not in cache:
+            cache[key] = osediff_references(unet, vae if vae_lora else plain_vae, lr_uint8((*size, 3), seed), emb)
+        return cache[key]
+    return outputs
+
+
 def test_prompt_is_read_literally(sd2_clip):
     """Brackets, backslashes and 'embedding:' are text, and long prompts are cut at 75 tokens
     as Hugging Face's tokenizer cuts them (not ComfyUI's word-preserving chunks)."""
@@ -98,7 +122,7 @@ def test_prompt_is_read_literally(sd2_clip):
                                          ((24, 32), "adain"),     # 96 x 128
                                          ((11, 24), "wavelet"),   # 44 x 96 -> 40 x 96
                                          ((12, 17), "none")])     # 48 x 68 -> 48 x 64
-def test_loader_and_upscale_equal_osediffs_script(sd2_clip, reference, pkl_output, size, method):
+def test_loader_and_upscale_equal_osediffs_script(script_outputs, pkl_output, size, method):
     """The OSEDiff loader + D3SRUpscale against OSEDiff's test-script steps written independently
     (tests/reference_osediff.py: Pillow's bicubic and Lanczos, the literal prompt, the posterior's
     mode, its colour fix on 8-bit images).
@@ -112,17 +136,17 @@ def test_loader_and_upscale_equal_osediffs_script(sd2_clip, reference, pkl_outpu
     image within 1 level of OSEDiff's colour fix; end to end within 1 level except at those
     flipped pixels (within 2 there)."""
     d3sr = pkl_output[0]
-    unet, vae, _plain_vae = reference
-    emb = literal_embedding(sd2_clip, PROMPT)
-    lrs = [lr_uint8((*size, 3), seed) for seed in (1, 2)]
+    seeds = (1, 2)
+    lrs = [lr_uint8((*size, 3), seed) for seed in seeds]
     batch = torch.from_numpy(np.stack(lrs)).float() / 255
-    out, net = (upscale(d3sr, batch, 4.0, m) * 255 for m in (method, "none"))
+    outs = {m: upscale(d3sr, batch, 4.0, m) * 255 for m in dict.fromkeys((method, "none"))}
+    out, net = outs[method], outs["none"]
     for x in (out, net):                                   # 8-bit levels, as OSEDiff's PNG
         assert (x - x.round()).abs().max() < 1e-3
     out, net = out.round(), net.round()
-    for i, lr_img in enumerate(lrs):
-        ref_net = torch.from_numpy(osediff_reference(unet, vae, lr_img, emb, "none")).float()
-        ref = torch.from_numpy(osediff_reference(unet, vae, lr_img, emb, method)).float()
+    for i, (seed, lr_img) in enumerate(zip(seeds, lrs)):
+        script = script_outputs(size, seed)
+        ref_net, ref = torch.from_numpy(script["none"]).float(), torch.from_numpy(script[method]).float()
         assert out.shape[1:] == ref.shape and net.shape[1:] == ref.shape
         flips = (net[i] - ref_net).abs()
         assert flips.max() <= 1 and (flips > 0).float().mean() < 0.002, flips.sum()
@@ -135,18 +159,16 @@ def test_loader_and_upscale_equal_osediffs_script(sd2_clip, reference, pkl_outpu
             f"max {levels.max().item()}, mean {levels.mean().item():.5f} levels"
 
 
-def test_each_osediff_step_matters(sd2_clip, reference, pkl_output):
+def test_each_osediff_step_matters(script_outputs, pkl_output):
     """The comparison above has teeth: the D3SR steps (torch's bicubic, float colour fix), or
     OSEDiff's without its VAE-encoder LoRA, are clearly further from OSEDiff's output."""
     d3sr = pkl_output[0]
-    unet, vae, plain_vae = reference
-    emb = literal_embedding(sd2_clip, PROMPT)
     lr_img = lr_uint8((16, 16, 3), 1)
-    ref = torch.from_numpy(osediff_reference(unet, vae, lr_img, emb, "adain")).double()
+    ref = torch.from_numpy(script_outputs((16, 16), 1)["adain"]).double()
     image = torch.from_numpy(lr_img)[None].float() / 255
     as_d3sr = dataclasses.replace(d3sr, osediff_steps=False, upsampler="torch-bicubic")
     assert (upscale(as_d3sr, image, 4.0, "adain")[0].double() * 255 - ref).abs().max() > 2
-    no_vae_lora = torch.from_numpy(osediff_reference(unet, plain_vae, lr_img, emb, "adain")).double()
+    no_vae_lora = torch.from_numpy(script_outputs((16, 16), 1, vae_lora=False)["adain"]).double()
     assert (no_vae_lora - ref).abs().max() > 2
 
 
@@ -220,8 +242,8 @@ def test_stray_keys_are_reported_not_dropped(osediff_file):
         osediff.convert_osediff(bad, synthetic.TINY_SD2_UNET_CONFIG)
 
 
-def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models_dir, osediff_file, lr,
-                                                      pkl_output, tmp_path, capsys):
+def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, sd2_clip_file, models_dir, osediff_file,
+                                                      lr, pkl_output, tmp_path, capsys):
     model, vae = tiny_sd2
     # --checkpoint gives the UNet layout (the tiny one here); it has no text encoder, so no
     # embedding is stored and CLIP is connected at load time.
@@ -245,7 +267,7 @@ def test_converted_safetensors_gives_identical_output(tiny_sd2, sd2_clip, models
 
     # A checkpoint with its text encoder stores CLIP(prompt): the file then works in the plain
     # D3SR loader, no CLIP needed, with the identical result.
-    ckpt = str(models_dir / "checkpoints" / "tiny-sd2-clip.safetensors")
+    ckpt = str(sd2_clip_file)
     assert osediff.main(args[:3] + ["--force", "--checkpoint", ckpt, "--prompt", PROMPT]) == 0
     assert "no prompt embedding stored" not in capsys.readouterr().out
     w = read_weights(str(out_path))

@@ -15,15 +15,9 @@ import torch
 from test_training_loop import write_config
 
 from d3sr_core.weight_format import read_weights
-from devtools.tiny_setup import prepare_tiny_setup
 from training.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return prepare_tiny_setup(str(tmp_path_factory.mktemp("tiny_proc")), images=4, size=40)
 
 
 def _env() -> dict:
@@ -37,10 +31,10 @@ def _rows(path: Path) -> int:
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group_with_data_worker"])
-def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup, to_group):
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, to_group):
     # to_group: a scheduler (or Ctrl-C in a terminal) signals every process of the job, the
     # DataLoader worker included; the worker must keep serving so the main process can checkpoint.
-    config = write_config(tmp_path, setup, train={"steps": 10_000},
+    config = write_config(tmp_path, tiny_setup, train={"steps": 10_000},
                           data={"num_workers": 1 if to_group else 0},
                           log={"checkpoint_every": 10_000, "every": 1, "progress": False})
     proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
@@ -70,10 +64,10 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, setup, to_group):
     assert not [p for p in os.listdir(folder) if p.startswith(".tmp-")]
 
 
-def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, setup):
+def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, tiny_setup):
     # Before the first step there is nothing to save: SIGTERM (as from a scheduler) ends the run
     # right away with a message (it used to be held back until a first step and checkpoint).
-    config = write_config(tmp_path, setup, train={"steps": 10_000}, log={"progress": False})
+    config = write_config(tmp_path, tiny_setup, train={"steps": 10_000}, log={"progress": False})
     proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -96,13 +90,14 @@ def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, setup):
     assert (tmp_path / "out" / "train.lock").read_text() == ""      # the lock was released
 
 
-def test_torchrun_two_cpu_ranks_stay_in_sync(tmp_path, setup):
-    config = write_config(tmp_path, setup, train={"steps": 2, "batch_size": 2},
+def test_torchrun_two_cpu_ranks_stay_in_sync(tmp_path, tiny_setup):
+    config = write_config(tmp_path, tiny_setup, train={"steps": 2, "batch_size": 2},
                           log={"checkpoint_every": 2, "progress": False})
     env = _env()
     env["D3SR_RANK_STATE_DIR"] = str(tmp_path / "ranks")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29531", "-m", "training.train", "--config", config],
+    # --standalone: torchrun's rendezvous binds a free port (port 0), so parallel runs never clash.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "training.train", "--config", config],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)

@@ -22,7 +22,6 @@ import pytest
 import torch
 import yaml
 
-from devtools.tiny_setup import prepare_tiny_setup
 from training.config import load_config
 from training.loop import train
 from training.train import main
@@ -31,22 +30,16 @@ from training.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_train")
-    return prepare_tiny_setup(str(root), images=4, size=40)
-
-
-def write_config(tmp_path, setup, **sections) -> str:
+def write_config(tmp_path, tiny_setup, **sections) -> str:
     data = {
         "output_dir": str(tmp_path / "out"), "seed": 0, "device": "cpu",
-        "models": {"generator": setup["generator"], "discriminator": setup["discriminator"]},
+        "models": {"generator": tiny_setup["generator"], "discriminator": tiny_setup["discriminator"]},
         "generator": {"timestep": 399, "lora_rank": 4, "lora_alpha": 4},
         "discriminator": {"lora_rank": 4, "lora_alpha": 4},
         "loss": {"pretrained_vgg": False},
         "optim": {"lr_generator": 1e-4, "lr_discriminator": 1e-4},
         "train": {"steps": 4, "batch_size": 1, "crop": 16, "scale": 4, "precision": "fp32"},
-        "data": {"folders": [setup["data"]], "degradation": "bicubic", "num_workers": 0},
+        "data": {"folders": [tiny_setup["data"]], "degradation": "bicubic", "num_workers": 0},
         "log": {"every": 1, "checkpoint_every": 2, "sample_every": 0, "progress": False},
     }
     for key, value in sections.items():
@@ -71,7 +64,7 @@ def frozen_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_only_lora_head_and_embedding_change(tmp_path, setup):
+def test_only_lora_head_and_embedding_change(tmp_path, tiny_setup):
     # A random starting embedding (the models.embedding_file option) and 32x32 crops, so that every
     # LoRA layer gets a gradient at step 1 (a zero context or a 1x1 middle block leaves
     # attention projections without one). The embedding is trained here (generator.train_embedding,
@@ -79,8 +72,8 @@ def test_only_lora_head_and_embedding_change(tmp_path, setup):
     from safetensors.torch import save_file
     emb = str(tmp_path / "embedding.safetensors")
     save_file({"text_embedding": torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0))}, emb)
-    models = {"generator": setup["generator"], "discriminator": setup["discriminator"], "embedding_file": emb}
-    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models, train={"crop": 32},
+    models = {"generator": tiny_setup["generator"], "discriminator": tiny_setup["discriminator"], "embedding_file": emb}
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, models=models, train={"crop": 32},
                                                generator={"train_embedding": True})))
     before_frozen = frozen_state(trainer)
     before_g = {k: v.clone() for k, v in trainer.G.state_dict().items()}
@@ -119,11 +112,11 @@ def _low_t_logit_gap(trainer: Trainer, hr: torch.Tensor) -> float:
     return sum(gaps) / len(gaps)
 
 
-def test_overfit_one_batch(tmp_path, setup):
-    # A cheaper setup than the paper's, to fit CPU test time: lr 5e-3 / 1e-3 (not 5e-5), 40 steps,
+def test_overfit_one_batch(tmp_path, tiny_setup):
+    # A cheaper set-up than the paper's, to fit CPU test time: lr 5e-3 / 1e-3 (not 5e-5), 40 steps,
     # lambda_gan 0.05 (the full adversarial step still runs) and EA-DISTS on random VGG weights.
     # The VAE is random too, so the reachable MSE+EA-DISTS has a floor well above zero.
-    cfg = load_config(write_config(tmp_path, setup, optim={"lr_generator": 5e-3, "lr_discriminator": 1e-3},
+    cfg = load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 5e-3, "lr_discriminator": 1e-3},
                                    loss={"pretrained_vgg": False, "lambda_gan": 0.05}))
     trainer = Trainer(cfg)
     hr = fixed_batch(3)
@@ -149,14 +142,14 @@ def _losses(log_path: str) -> dict[int, dict]:
         return {row["step"]: row for row in map(json.loads, f)}
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, setup, caplog):
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_setup, caplog):
     keys = ("loss_d", "loss_g", "loss_mse", "loss_perceptual", "loss_gan", "d_real", "d_fake")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir()
     cut_dir.mkdir()
-    assert train(load_config(write_config(full_dir, setup))) == 0
+    assert train(load_config(write_config(full_dir, tiny_setup))) == 0
     full = _losses(str(full_dir / "out" / "log.jsonl"))
-    assert train(load_config(write_config(cut_dir, setup, train={"steps": 2}))) == 0
+    assert train(load_config(write_config(cut_dir, tiny_setup, train={"steps": 2}))) == 0
     with open(cut_dir / "out" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "loss_d": 0.')          # a row cut off by a crash: skipped on resume
     # A newer checkpoint cut off by a full disk: resume skips it, says so, and takes step 2's.
@@ -164,7 +157,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, setup, caplog):
     whole = (ckpts / "step-0000002.pt").read_bytes()
     (ckpts / "step-0000003.pt").write_bytes(whole[: len(whole) // 2])
     with caplog.at_level(logging.WARNING, logger="d3sr.train"):
-        assert train(load_config(write_config(cut_dir, setup)), resume=True) == 0
+        assert train(load_config(write_config(cut_dir, tiny_setup)), resume=True) == 0
     assert "--resume: skipping step-0000003.pt: checkpoint" in caplog.text and "truncated" in caplog.text
     assert "resuming from step-0000002.pt, the newest intact checkpoint" in caplog.text
     resumed = _losses(str(cut_dir / "out" / "log.jsonl"))
@@ -176,14 +169,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, setup, caplog):
     assert full[3]["loss_g"] != full[4]["loss_g"]
 
 
-def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
+def test_export_loads_and_upscale_matches_trainer(tmp_path, tiny_setup):
     import comfy.sd
 
     from d3sr_core.model import load_d3sr
     from d3sr_core.upscale import upscale
     from d3sr_core.weight_format import read_weights, write_weights
 
-    cfg = load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2}))
+    cfg = load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 1e-2}))
     trainer = Trainer(cfg)
     for _ in range(2):
         trainer.train_step([fixed_batch()])
@@ -197,7 +190,7 @@ def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     lr = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(1))
     ours = trainer.G.super_resolve(lr, 4.0)
     # A fresh copy of the checkpoint: the trainer's own modules carry its LoRA hooks.
-    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(setup["generator"])
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(tiny_setup["generator"])
     d3sr = load_d3sr(model, vae, path)
     theirs = upscale(d3sr, lr.movedim(1, -1), 4.0, "none").movedim(-1, 1)
     assert theirs.shape == ours.shape == (1, 3, 36, 44)
@@ -208,8 +201,8 @@ def test_export_loads_and_upscale_matches_trainer(tmp_path, setup):
     assert (plain - ours).abs().max().item() > 1e-3
 
 
-def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys, caplog):
-    config = write_config(tmp_path, setup, train={"steps": 2})
+def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, tiny_setup, capsys, caplog):
+    config = write_config(tmp_path, tiny_setup, train={"steps": 2})
     # A lock file left by a run that was killed (its process is gone): taken over, and named.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     out = tmp_path / "out"
@@ -231,10 +224,10 @@ def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, setup, capsys, ca
                                   "indivisible_batch", "eval_without_ground_truth", "eval_wrong_scale",
                                   "output_dir_is_a_file", "output_dir_not_writable", "output_dir_in_use",
                                   "resume_from_exported_weights", "resume_from_a_checkpoint_that_runs_code"])
-def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypatch):
+def test_bad_inputs_fail_before_training(tmp_path, tiny_setup, case, capsys, monkeypatch):
     from PIL import Image
-    models = {"generator": setup["generator"], "discriminator": setup["discriminator"]}
-    data = {"folders": [setup["data"]]}
+    models = {"generator": tiny_setup["generator"], "discriminator": tiny_setup["discriminator"]}
+    data = {"folders": [tiny_setup["data"]]}
     extra, argv, holder = {}, [], None
     out = tmp_path / "out"
     expected = {
@@ -257,9 +250,9 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
     if case == "missing_generator":
         models["generator"] = str(tmp_path / "nope.safetensors")
     elif case == "sdxl_as_generator":
-        models["generator"] = setup["discriminator"]
+        models["generator"] = tiny_setup["discriminator"]
     elif case == "sd2_as_discriminator":
-        models["discriminator"] = setup["generator"]
+        models["discriminator"] = tiny_setup["generator"]
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         data["folders"] = [str(tmp_path / "empty")]
@@ -302,7 +295,7 @@ def test_bad_inputs_fail_before_training(tmp_path, setup, case, capsys, monkeypa
         torch.save({"step": 2, "generator": {}, "x": RunsCode(str(tmp_path / "code-ran"))},
                    out / "checkpoints" / "step-0000002.pt")
         argv = ["--resume"]
-    config = write_config(tmp_path, setup, models=models, data=data, **extra)
+    config = write_config(tmp_path, tiny_setup, models=models, data=data, **extra)
     try:
         assert main(["--config", config, *argv]) == 2
     finally:

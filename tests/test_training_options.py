@@ -15,17 +15,11 @@ from test_training_loop import ROOT, fixed_batch, write_config
 
 from d3sr_core.pipeline import bicubic_upsample
 from devtools import synthetic
-from devtools.tiny_setup import prepare_tiny_setup
 from training.config import load_config
 from training.data import bicubic_degradation
 from training.loop import train
 from training.losses import pixel_mse
 from training.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return prepare_tiny_setup(str(tmp_path_factory.mktemp("tiny_options")), images=4, size=40)
 
 
 def _split(batch: dict) -> list[dict]:
@@ -54,11 +48,11 @@ def _assert_close(a: dict, b: dict, rtol: float) -> None:
     assert sum(float(v.abs().sum()) for v in a.values()) > 0
 
 
-def _frozen_trainer(tmp_path, setup, **sections) -> Trainer:
+def _frozen_trainer(tmp_path, tiny_setup, **sections) -> Trainer:
     """A trainer whose updates leave the raw gradients and keep the weights: no clipping, and its
     optimizers' learning rates set to 0 (the config itself refuses a learning rate of 0)."""
     optim = {"grad_clip": None, **sections.pop("optim", {})}
-    trainer = Trainer(load_config(write_config(tmp_path, setup, optim=optim, **sections)))
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, optim=optim, **sections)))
     for opt in (trainer.opt_g, trainer.opt_d):
         for group in opt.param_groups:
             group["lr"] = 0.0
@@ -95,14 +89,14 @@ def float64(monkeypatch):
 F64_RTOL = 1e-9
 
 
-def test_gradient_accumulation_equals_one_large_batch(tmp_path, setup, float64):
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, tiny_setup, float64):
     # Two micro-batches of 1 with loss / 2 each must give the gradients of one batch of 2 whose
     # losses are batch means (MSE, EA-DISTS, the patch-mean GAN terms), in float64 (F64_RTOL).
     hr = torch.cat([fixed_batch(1, crop=32), fixed_batch(2, crop=32)])
-    one = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "batch_size": 2}))
+    one = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32, "batch_size": 2}))
     batch = one.prepare(hr, 0)
     one.update([batch])
-    accum = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "batch_size": 2}, optim={"grad_accum": 2}))
+    accum = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32, "batch_size": 2}, optim={"grad_accum": 2}))
     assert accum.micro_batch == 1
     accum.update(_split(batch))
     g_one, g_accum = _grads(one), _grads(accum)
@@ -113,12 +107,12 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, setup, float64):
         _assert_close(g_one, {k: 2 * v for k, v in g_accum.items()}, F64_RTOL)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, setup, float64):
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_setup, float64):
     hr = fixed_batch(4, crop=32)
-    plain = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32}))
+    plain = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32}))
     batch = plain.prepare(hr, 0)
     m_plain = plain.update([batch])
-    ckpt = float64(_frozen_trainer(tmp_path, setup, train={"crop": 32, "gradient_checkpointing": True}))
+    ckpt = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32, "gradient_checkpointing": True}))
     m_ckpt = ckpt.update([batch])
     assert ckpt.D.checkpointing
     for k in ("loss_d", "loss_g", "loss_mse"):
@@ -139,13 +133,13 @@ def _saved_bytes(forward, *args) -> int:
     return total[0]
 
 
-def test_gradient_checkpointing_frees_activations(tmp_path, setup):
+def test_gradient_checkpointing_frees_activations(tmp_path, tiny_setup):
     # Checkpointing must really drop the blocks' activations (ComfyUI's UNet calls the layers inside
     # each block, so wrapping the wrong module is a silent no-op): G and D each keep under half.
     batch = fixed_batch(4, crop=32)
     kept = {}
     for on in (False, True):
-        trainer = _frozen_trainer(tmp_path, setup, train={"crop": 32, "gradient_checkpointing": on})
+        trainer = _frozen_trainer(tmp_path, tiny_setup, train={"crop": 32, "gradient_checkpointing": on})
         b = trainer.prepare(batch, 0)
         kept[on] = (_saved_bytes(trainer.G, b["z_l"]),
                     _saved_bytes(trainer.D, b["z_h"], b["t_real"], (32, 32)))
@@ -153,13 +147,13 @@ def test_gradient_checkpointing_frees_activations(tmp_path, setup):
         assert kept[True][i] < 0.5 * kept[False][i], (net, kept)
 
 
-def test_adversarial_gradient_reaches_g_but_not_d(tmp_path, setup):
+def test_adversarial_gradient_reaches_g_but_not_d(tmp_path, tiny_setup):
     # lambda_gan changes only the G step: G's gradients differ between 0 and 0.5, while D's
     # gradients (from its own step) are bit-identical, so the G step added nothing to them.
     batch = fixed_batch(6, crop=32)
     grads = {}
     for lam in (0.0, 0.5):
-        trainer = _frozen_trainer(tmp_path, setup, train={"crop": 32}, loss={"lambda_gan": lam})
+        trainer = _frozen_trainer(tmp_path, tiny_setup, train={"crop": 32}, loss={"lambda_gan": lam})
         trainer.update([trainer.prepare(batch, 0)])
         grads[lam] = _grads(trainer)
     g_keys = [k for k in grads[0.0] if k.startswith("G.")]
@@ -172,19 +166,19 @@ def test_adversarial_gradient_reaches_g_but_not_d(tmp_path, setup):
     assert diff > 1e-3 * scale, (diff, scale)
 
 
-def test_config_rejects_values_that_cannot_work(tmp_path, setup):
+def test_config_rejects_values_that_cannot_work(tmp_path, tiny_setup):
     from training.config import ConfigError
     for sections, message in (({"log": {"every": 0}}, "log.every must be >= 1"),
                               ({"log": {"eval_every": 0}}, "log.eval_every must be >= 1"),
                               ({"train": {"batch_size": 3}, "optim": {"grad_accum": 2}},
                                r"train.batch_size \(3\) must be divisible by optim.grad_accum \(2\)")):
         with pytest.raises(ConfigError, match=message):
-            load_config(write_config(tmp_path, setup, **sections))
+            load_config(write_config(tmp_path, tiny_setup, **sections))
 
 
-def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
+def test_ema_follows_its_formula_and_is_exported(tmp_path, tiny_setup):
     decay = 0.8
-    trainer = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 1e-2},
                                                train={"ema_decay": decay})))
     expected = {k: v.double() for k, v in trainer.G.state_dict().items()}   # e_0 = p_0
     for step in range(3):
@@ -208,13 +202,13 @@ def test_ema_follows_its_formula_and_is_exported(tmp_path, setup):
     assert not torch.equal(b, trainer.G.lora.lora_B[key].detach())
 
 
-def test_resume_with_ema_newly_enabled_starts_it_from_the_loaded_weights(tmp_path, setup):
-    plain = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2})))
+def test_resume_with_ema_newly_enabled_starts_it_from_the_loaded_weights(tmp_path, tiny_setup):
+    plain = Trainer(load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 1e-2})))
     for step in range(2):
         plain.train_step([fixed_batch(step)])
     state = plain.state_dict()
     assert state["ema"] is None
-    resumed = Trainer(load_config(write_config(tmp_path, setup, optim={"lr_generator": 1e-2},
+    resumed = Trainer(load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 1e-2},
                                                train={"ema_decay": 0.9})))
     resumed.load_state_dict(state)
     for k, v in resumed.G.state_dict().items():
@@ -223,13 +217,13 @@ def test_resume_with_ema_newly_enabled_starts_it_from_the_loaded_weights(tmp_pat
     assert any(float(v.abs().max()) > 0 for k, v in resumed.ema.items() if "lora_B" in k)
 
 
-def test_bf16_autocast_step_tracks_fp32(tmp_path, setup):
+def test_bf16_autocast_step_tracks_fp32(tmp_path, tiny_setup):
     # Mixed precision on the CPU: autocast bf16 with bf16 frozen networks. Its first-step losses
     # agree with fp32 to bf16's ~3 significant digits (tolerance 3 % relative).
     hr = fixed_batch(5, crop=32)
     rows = {}
     for p in ("fp32", "bf16"):
-        trainer = Trainer(load_config(write_config(tmp_path, setup, train={"crop": 32, "precision": p})))
+        trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, train={"crop": 32, "precision": p})))
         assert trainer.amp_dtype == (None if p == "fp32" else torch.bfloat16)
         rows[p] = trainer.train_step([hr])
     assert next(trainer.G.base.diffusion_model.parameters()).dtype == torch.bfloat16
@@ -237,7 +231,7 @@ def test_bf16_autocast_step_tracks_fp32(tmp_path, setup):
         assert abs(rows["bf16"][k] - rows["fp32"][k]) <= 0.03 * abs(rows["fp32"][k]), (k, rows)
 
 
-def test_evaluation_during_training_is_logged(tmp_path, setup):
+def test_evaluation_during_training_is_logged(tmp_path, tiny_setup):
     from PIL import Image
     lr_dir, gt_dir = tmp_path / "eval_lr", tmp_path / "eval_gt"
     lr_dir.mkdir()
@@ -248,7 +242,7 @@ def test_evaluation_during_training_is_logged(tmp_path, setup):
         for img, folder in ((hr, gt_dir), (lr, lr_dir)):
             arr = (img[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(arr).save(folder / f"im{i}.png")
-    cfg = load_config(write_config(tmp_path, setup, train={"steps": 2},
+    cfg = load_config(write_config(tmp_path, tiny_setup, train={"steps": 2},
                                    log={"eval_lr_folder": str(lr_dir), "eval_gt_folder": str(gt_dir),
                                         "eval_every": 2, "checkpoint_every": 2}))
     assert train(cfg) == 0
@@ -288,10 +282,10 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     assert torch.allclose(crop[:, 0, 0] * 255, torch.tensor([0.0, 90.0, 200.0]))    # ok0's colour
 
 
-def test_degradation_options_come_from_the_config(tmp_path, setup):
+def test_degradation_options_come_from_the_config(tmp_path, tiny_setup):
     from training.config import ConfigError
     from training.data import make_degradation
-    cfg = load_config(write_config(tmp_path, setup, train={"crop": 256, "scale": 4},
+    cfg = load_config(write_config(tmp_path, tiny_setup, train={"crop": 256, "scale": 4},
                                    data={"degradation": "realesrgan",
                                          "realesrgan": {"second": {"noise_range": [2, 3]},
                                                         "final_sinc_prob": 0.0}}))
@@ -303,20 +297,20 @@ def test_degradation_options_come_from_the_config(tmp_path, setup):
     assert degrade.config.final_sinc_prob == 0.0 and degrade.config.second.noise_range == (2, 3)
     assert cfg.summary()["data"]["realesrgan"]["final_sinc_prob"] == 0.0   # stored with checkpoints
     with pytest.raises(ConfigError, match=r"first.resize_mode_probs must be 3 non-negative probabilities"):
-        load_config(write_config(tmp_path, setup, train={"crop": 256},
+        load_config(write_config(tmp_path, tiny_setup, train={"crop": 256},
                                  data={"realesrgan": {"first": {"resize_mode_probs": [0.5, 0.6, 0.0]}}}))
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) in 'data.realesrgan.second': noise"):
-        load_config(write_config(tmp_path, setup, data={"realesrgan": {"second": {"noise": [1, 2]}}}))
+        load_config(write_config(tmp_path, tiny_setup, data={"realesrgan": {"second": {"noise": [1, 2]}}}))
 
 
-def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
+def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, tiny_setup, sd2_clip_file):
     # With a text encoder in the generator checkpoint, the fixed embedding starts as SD2.1's
     # encoding of "" (D3SR.md), computed here independently through ComfyUI's checkpoint loader.
     import comfy.sd
 
-    ckpt = synthetic.write_checkpoint(str(tmp_path / "tiny-sd2-clip.safetensors"), seed=0, text_encoder=True)
-    models = {"generator": ckpt, "discriminator": setup["discriminator"]}
-    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
+    ckpt = str(sd2_clip_file)               # tiny-sd2 with a seeded SD2 text encoder (conftest)
+    models = {"generator": ckpt, "discriminator": tiny_setup["discriminator"]}
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, models=models)))
     _m, clip, _v, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_model=False, output_vae=False)
     expected = clip.encode_from_tokens(clip.tokenize("")).float()
     assert expected.shape == (1, 77, 1024) and float(expected.abs().max()) > 0
@@ -324,16 +318,17 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, setup):
     assert not trainer.G.embedding.requires_grad          # frozen by default (the paper's Fig. 1)
 
 
-def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, setup):
+def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, tiny_setup):
     # The SDXL file's own text encoders (full-size CLIP-L + bigG, seeded) give the empty-prompt
-    # context and pooled vector. Reference: ComfyUI's SDXLClipModel built in memory with the same
-    # seeded weights (rounded to fp16 as stored), fed the tokenizer's "" directly.
+    # context and pooled vector. Reference: the seeded SDXLClipModel the file was written from,
+    # in memory (its weights rounded to fp16 as stored), fed the tokenizer's "" directly.
     from comfy import sdxl_clip
 
-    path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7, text_encoders=True)
-    models = {"generator": setup["generator"], "discriminator": path}
-    trainer = Trainer(load_config(write_config(tmp_path, setup, models=models)))
-    ref = synthetic.seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), 7 + 2)
+    ref = synthetic.build_sdxl_text_encoders(seed=9)       # 0.8 B parameters: built once
+    path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7,
+                                           text_encoders=ref, vae=False)
+    models = {"generator": tiny_setup["generator"], "discriminator": path}
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, models=models)))
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.half().float())
@@ -352,12 +347,12 @@ def _pair_and_losses(trainer: Trainer, hr: torch.Tensor) -> tuple[dict, dict, to
     return b, trainer.update([b]), x_hat
 
 
-def test_training_pair_sharpened_targets_plain_real_sample(tmp_path, setup):
+def test_training_pair_sharpened_targets_plain_real_sample(tmp_path, tiny_setup):
     # The default (data.usm_target sharpened, Real-ESRGAN's convention): the LR is made from the
     # unsharp-masked HR, MSE and EA-DISTS compare with that same sharpened image, and the
     # discriminator's real latent is the plain HR's. (Before, the LR came from a sharpened HR
     # while the losses targeted the plain one: the loss_mse check below fails on that.)
-    trainer = Trainer(load_config(write_config(tmp_path, setup, train={"crop": 32})))
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, train={"crop": 32})))
     assert trainer.cfg.data.usm_target == "sharpened" and trainer.cfg.loss.mse_range == (0.0, 1.0)
     hr = fixed_batch(3, crop=32)
     ref = usm_reference(hr)                                  # independent float64 unsharp mask
@@ -381,10 +376,10 @@ def test_training_pair_sharpened_targets_plain_real_sample(tmp_path, setup):
     assert abs(m["loss_perceptual"] - perceptual) <= 1e-5 * max(perceptual, 1e-6)
 
 
-def test_no_sharpening_and_mse_on_minus_one_to_one(tmp_path, setup):
+def test_no_sharpening_and_mse_on_minus_one_to_one(tmp_path, tiny_setup):
     # data.usm_target none (OSEDiff's code): the target is the HR itself and the LR its
     # degradation; loss.mse_range [-1, 1] gives 4x the [0, 1] MSE of the same images.
-    cfg = load_config(write_config(tmp_path, setup, train={"crop": 32}, data={"usm_target": "none"},
+    cfg = load_config(write_config(tmp_path, tiny_setup, train={"crop": 32}, data={"usm_target": "none"},
                                    loss={"pretrained_vgg": False, "mse_range": [-1, 1]}))
     trainer = Trainer(cfg)
     hr = fixed_batch(3, crop=32)
@@ -406,7 +401,7 @@ def test_pixel_mse_on_minus_one_to_one_is_four_times_zero_to_one():
     assert abs(float(pixel_mse(x, y, (-1.0, 1.0))) - float((((2 * x - 1) - (2 * y - 1)) ** 2).mean())) <= 1e-15
 
 
-def test_paper_config_freezes_the_embedding_and_the_option_trains_it(tmp_path, setup):
+def test_paper_config_freezes_the_embedding_and_the_option_trains_it(tmp_path, tiny_setup):
     # The paper's config (Fig. 1: only the UNet LoRA is trained) on the tiny models: the embedding
     # has no gradient, is not in the generator's optimizer and is bit-identical after a step.
     # generator.train_embedding true (ours) trains it. A random start (models.embedding_file) so
@@ -415,13 +410,13 @@ def test_paper_config_freezes_the_embedding_and_the_option_trains_it(tmp_path, s
     emb = str(tmp_path / "embedding.safetensors")
     save_file({"text_embedding": torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(0))}, emb)
     tiny = {"output_dir": str(tmp_path / "out"), "device": "cpu",
-            "models": {"generator": setup["generator"], "discriminator": setup["discriminator"],
+            "models": {"generator": tiny_setup["generator"], "discriminator": tiny_setup["discriminator"],
                        "embedding_file": emb},
             "generator": {"lora_rank": 4, "lora_alpha": 4},
             "discriminator": {"lora_rank": 4, "lora_alpha": 4},
             "loss": {"pretrained_vgg": False},
             "train": {"steps": 1, "batch_size": 1, "crop": 16, "precision": "fp32"},
-            "data": {"folders": [setup["data"]], "degradation": "bicubic", "num_workers": 0}}
+            "data": {"folders": [tiny_setup["data"]], "degradation": "bicubic", "num_workers": 0}}
     paper = str(ROOT / "training" / "configs" / "d3sr_paper.yaml")
     for option in (None, True):
         overrides = tiny if option is None else {**tiny, "generator": {**tiny["generator"], "train_embedding": True}}
