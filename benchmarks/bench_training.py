@@ -450,7 +450,8 @@ def paper_report(info: dict, runs: list[dict], main_run: dict, export: str, chec
         "models.sdxl_conditioning_file a seeded context [1, 77, 2048] + pooled [1, 1280] (the trainer's "
         "precomputed-conditioning options).", "",
         "## Settings", "",
-        "training/configs/d3sr_paper.yaml (LoRA 16/16 on both UNets, embedding trained, EA-DISTS with the "
+        "training/configs/d3sr_paper.yaml (LoRA 16/16 on both UNets, embedding "
+        f"{'trained' if p['G embedding trained'] else 'frozen'}, EA-DISTS with the "
         "pretrained VGG16, lambda 1.0 / 0.5, AdamW 5e-5, grad clip 1.0, T_L 399) except: device cpu, batch 1, "
         "train.precision bf16 (autocast) and frozen_dtype bf16, gradient checkpointing as listed, crops "
         f"{', '.join(str(c) for c in sorted({r['crop'] for r in runs}))} px, bicubic degradation below 148 px "
@@ -459,7 +460,7 @@ def paper_report(info: dict, runs: list[dict], main_run: dict, export: str, chec
         "one fresh process per run, checkpoint + D3SR export at the last step.", "",
         "## Parameters", "",
         "| | count |", "|---|---|",
-        f"| G LoRA (rank 16, {len(main_run['params'])} groups) | {p['G LoRA'] / 1e6:.2f} M |",
+        f"| G LoRA (rank 16) | {p['G LoRA'] / 1e6:.2f} M |",
         f"| G fixed embedding ({'trained' if p['G embedding trained'] else 'frozen'}) | {p['G embedding']:,} |",
         f"| D LoRA (rank 16) | {p['D LoRA'] / 1e6:.2f} M |",
         f"| D head | {p['D head'] / 1e6:.2f} M |",
