@@ -14,6 +14,7 @@ import json
 import math
 import socket
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -143,7 +144,13 @@ def _reference_scores(paths: dict[str, Path], image_path: Path) -> dict[str, flo
     with iqa_noref._timm_backbone_not_downloaded():
         maniqa = MANIQA(pretrained=False, train_dataset="pipal")
     maniqa.load_state_dict(torch.load(paths["maniqa"], weights_only=True)["params"])
-    clipiqa = CLIPIQA(backbone=str(paths["clipiqa"]))
+    # pyiqa's own CLIP loader: it tries TorchScript first and, on a state dict, reads the handle
+    # that attempt consumed (EOFError); make the attempt fail before reading, as it would on an
+    # intact handle, so pyiqa's own state-dict path (torch.load, weights-only default) runs.
+    def not_torchscript(*_args, **_kwargs):
+        raise RuntimeError("not a TorchScript archive")
+    with mock.patch.object(torch.jit, "load", not_torchscript):
+        clipiqa = CLIPIQA(backbone=str(paths["clipiqa"]))
     with torch.no_grad():
         return {name: float(net.eval()(x).reshape(-1)[0])
                 for name, net in (("musiq", musiq), ("maniqa", maniqa), ("clipiqa", clipiqa))}

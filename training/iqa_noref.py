@@ -141,6 +141,29 @@ def _load_strict(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path: 
 
 
 @contextlib.contextmanager
+def _clip_backbone_from_file(path: Path) -> Iterator[None]:
+    """While CLIPIQA is built, its CLIP backbone comes from ``path``: OpenAI's TorchScript
+    archive (the file pyiqa caches) or a weights-only state dict. pyiqa's own loader tries
+    TorchScript and then reads the same, already consumed, file handle again (EOFError)."""
+    from pyiqa.archs import clip_model, clipiqa_arch
+
+    original = clipiqa_arch.load
+
+    def load(_backbone: str, device: str = "cpu", **_kwargs) -> torch.nn.Module:
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError:
+            state = read_state_dict(path)
+        return clip_model.build_model(state).float().to(device)
+
+    clipiqa_arch.load = load
+    try:
+        yield
+    finally:
+        clipiqa_arch.load = original
+
+
+@contextlib.contextmanager
 def _timm_backbone_not_downloaded() -> Iterator[None]:
     """While MANIQA is built, timm.create_model ignores ``pretrained=True`` (see module doc)."""
     import timm
@@ -205,8 +228,8 @@ def build_metric(name: str, weights: Path | None = None, device: str | torch.dev
     dev = torch.device(device)
     try:
         if name == "clipiqa":
-            # pyiqa's CLIP loader takes a file path as the backbone: no download, no hash check.
-            with _pkg_resources_for_clip():
+            # The backbone is our file, read by _clip_backbone_from_file: no download, no hash check.
+            with _pkg_resources_for_clip(), _clip_backbone_from_file(path):
                 metric = pyiqa.create_metric(spec.pyiqa_name, device=dev, backbone=str(path))
         else:
             state = read_state_dict(path)
