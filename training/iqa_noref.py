@@ -37,6 +37,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file
@@ -140,14 +141,11 @@ def _load_strict(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path: 
     net.load_state_dict(state, strict=True)
 
 
-@contextlib.contextmanager
-def _clip_backbone_from_file(path: Path) -> Iterator[None]:
+def _clip_backbone_from_file(path: Path) -> contextlib.AbstractContextManager:
     """While CLIPIQA is built, its CLIP backbone comes from ``path``: OpenAI's TorchScript
     archive (the file pyiqa caches) or a weights-only state dict. pyiqa's own loader tries
     TorchScript and then reads the same, already consumed, file handle again (EOFError)."""
     from pyiqa.archs import clip_model, clipiqa_arch
-
-    original = clipiqa_arch.load
 
     def load(_backbone: str, device: str = "cpu", **_kwargs) -> torch.nn.Module:
         try:
@@ -156,15 +154,10 @@ def _clip_backbone_from_file(path: Path) -> Iterator[None]:
             state = read_state_dict(path)
         return clip_model.build_model(state).float().to(device)
 
-    clipiqa_arch.load = load
-    try:
-        yield
-    finally:
-        clipiqa_arch.load = original
+    return mock.patch.object(clipiqa_arch, "load", load)
 
 
-@contextlib.contextmanager
-def _timm_backbone_not_downloaded() -> Iterator[None]:
+def _timm_backbone_not_downloaded() -> contextlib.AbstractContextManager:
     """While MANIQA is built, timm.create_model ignores ``pretrained=True`` (see module doc)."""
     import timm
 
@@ -174,11 +167,7 @@ def _timm_backbone_not_downloaded() -> Iterator[None]:
         kwargs["pretrained"] = False
         return original(*args, **kwargs)
 
-    timm.create_model = create_model
-    try:
-        yield
-    finally:
-        timm.create_model = original
+    return mock.patch.object(timm, "create_model", create_model)
 
 
 @contextlib.contextmanager
