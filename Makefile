@@ -9,8 +9,9 @@ setup:
 demo: setup
 	@$(ENV) && $$PYTHON scripts/demo.py
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once).
 test: setup
-	@$(ENV) && $$PYTHON -m ruff check . && $$PYTHON -m pytest
+	@$(ENV) && $$PYTHON -m ruff check . && $$PYTHON -m pytest -n 2 --dist loadfile
 
 lint: setup
 	@$(ENV) && $$PYTHON -m ruff check .

@@ -164,11 +164,12 @@ MINI_SDXL_UNET_CONFIG = dict(
     TINY_SDXL_UNET_CONFIG, model_channels=64)
 
 
-def build_sdxl_text_encoders(seed: int = 2) -> torch.nn.Module:
+def build_sdxl_text_encoders(seed: int = 2, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """ComfyUI's SDXL text encoders (SDXLClipModel: CLIP-L and OpenCLIP bigG, full size, 0.8 B
-    parameters) with seeded weights."""
+    parameters) with seeded weights, drawn in float32 and stored in `dtype` (float16: the
+    values a checkpoint holds, written without another conversion)."""
     from comfy import sdxl_clip
-    return seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), seed)
+    return seeded_init_(sdxl_clip.SDXLClipModel(device="cpu", dtype=dtype), seed)
 
 
 def write_sdxl_checkpoint(path: str, unet_config: dict = MINI_SDXL_UNET_CONFIG, seed: int = 0,

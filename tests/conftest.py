@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs two pytest-xdist workers: each gets its share of the cores, and so do the
+# processes its tests start (they inherit OMP_NUM_THREADS); two workers each on every core
+# would spend the time contending for them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # The pack's folder after ComfyUI's, so ComfyUI's top-level `nodes` module is not shadowed
@@ -19,6 +26,10 @@ if str(ROOT) not in sys.path:
 from d3sr_core import host  # noqa: E402
 
 host.import_comfy(cpu=True)
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
