@@ -221,7 +221,7 @@ def tiled_encode(d3sr: D3SRModel, pixels: torch.Tensor, padded_hw: tuple[int, in
             rows = _padded_index(r.start * 8, r.stop * 8, h, reflect)
             cols = _padded_index(c.start * 8, c.stop * 8, w, reflect)
             crop = pixels.index_select(-2, rows).index_select(-1, cols)
-        return d3sr.vae.encode(crop.movedim(1, -1))
+        return pipeline.vae_encode(d3sr.vae, crop)
 
     acc = blend_tiles_(torch.empty(pixels.shape[0], 4, ph // 8, pw // 8), grid, encode, step=step)
     return d3sr.model.model.process_latent_in(acc)
@@ -257,7 +257,7 @@ def tiled_decode_(d3sr: D3SRModel, z: torch.Tensor, out: torch.Tensor, tile: int
     latent = d3sr.model.model.process_latent_out(z)
 
     def decode(r: Span, c: Span) -> torch.Tensor:
-        return d3sr.vae.decode(latent[..., r.start:r.stop, c.start:c.stop]).movedim(-1, 1)
+        return pipeline.vae_decode(d3sr.vae, latent[..., r.start:r.stop, c.start:c.stop])
 
     return blend_tiles_(out, grid, decode, scale=8, step=step)
 
