@@ -580,8 +580,8 @@ def report(results: list[dict], args: argparse.Namespace, prep: dict, device: st
         other_a = a - sum(m["A"][p] for p in PARTS)
         other_b = b - sum(m["B"][p] for p in PARTS)
         lines.append(f"| rest: bicubic, padding, casts, patching checks (s) | {other_a:.3f} | {other_b:.3f} | |")
-        for key, label in (("process_peak_gb", "process peak RSS, load included (GB)"),
-                           ("steady_peak_gb", "peak RSS during the timed upscales (GB)")):
+        for key, label in (("process_peak_gb", "process peak RSS, load included (GiB)"),
+                           ("steady_peak_gb", "peak RSS during the timed upscales (GiB)")):
             lines.append(f"| {label} | {mem['A'][key]:.2f} | {mem['B'][key]:.2f} | "
                          f"**{mem['A'][key] / mem['B'][key]:.3f}** |")
         if "cuda_peak_gb" in mem["A"]:
