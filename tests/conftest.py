@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +36,32 @@ sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
 
 
+def generated_once(tmp_path_factory, name: str, make: Callable[[str], object]) -> Path:
+    """The file `name` that `make(path)` writes (atomically, the same bytes every time), made once
+    per test run: under pytest-xdist by the first worker that asks, in the run's shared temporary
+    folder, while the others wait on a lock and then reuse it. Tests only read it (hard links)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp("generated") / name
+        make(str(path))
+        return path
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent / "generated"   # this run's, for all workers
+    shared.mkdir(exist_ok=True)
+    path = shared / name
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            make(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd2_file(tmp_path_factory) -> Path:
     """The tiny SD2 checkpoint (synthetic.write_checkpoint with seed 0: UNet, full-size KL VAE,
     no text encoder), written once per session. models_dir and tiny_setup hold hard links to it;
     nothing may change it."""
     from devtools import synthetic
-    path = tmp_path_factory.mktemp("generated") / "tiny-sd2.safetensors"
-    return Path(synthetic.write_checkpoint(str(path), seed=0))
+    return generated_once(tmp_path_factory, "tiny-sd2.safetensors",
+                          lambda path: synthetic.write_checkpoint(path, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +82,8 @@ def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
     tiny = root / "checkpoints" / "tiny-sd2.safetensors"
     os.link(tiny_sd2_file, tiny)
     torch.save(make_osediff_dict(str(tiny))[0], root / "d3sr" / "osediff-tiny.pkl")
-    synthetic.write_checkpoint(str(root / "checkpoints" / "tiny-sd1.safetensors"),
-                               unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)
+    os.link(generated_once(tmp_path_factory, "tiny-sd1.safetensors", lambda path: synthetic.write_checkpoint(
+        path, unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)), root / "checkpoints" / "tiny-sd1.safetensors")
     unet = synthetic.unet_layout(synthetic.TINY_SD2_UNET_CONFIG)
     for t, seed in ((399, 10), (250, 11)):
         w = synthetic.random_d3sr_weights(unet, timestep=t, seed=seed)
@@ -77,13 +96,16 @@ def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd2_clip_file(models_dir, tiny_sd2_file) -> Path:
+def sd2_clip_file(tmp_path_factory, models_dir, tiny_sd2_file) -> Path:
     """models_dir's checkpoints/tiny-sd2-clip.safetensors: the tiny SD2 checkpoint plus a seeded
     full-size SD2 text encoder (the same file as synthetic.write_checkpoint(seed=0,
     text_encoder=True)). 354 M parameters to generate, so written only for the tests that ask."""
     from devtools import synthetic
+    made = generated_once(tmp_path_factory, "tiny-sd2-clip.safetensors",
+                          lambda path: synthetic.add_sd2_text_encoder(str(tiny_sd2_file), path, seed=0))
     path = models_dir / "checkpoints" / "tiny-sd2-clip.safetensors"
-    return Path(synthetic.add_sd2_text_encoder(str(tiny_sd2_file), str(path), seed=0))
+    os.link(made, path)
+    return path
 
 
 @pytest.fixture(scope="session")
