@@ -14,8 +14,9 @@ import pytest
 # processes its tests start (they inherit OMP_NUM_THREADS); two workers each on every core
 # would spend the time contending for them.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -30,7 +31,7 @@ host.import_comfy(cpu=True)
 if _WORKERS > 1:
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(_THREADS)
 
 sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
@@ -82,8 +83,9 @@ def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
     tiny = root / "checkpoints" / "tiny-sd2.safetensors"
     os.link(tiny_sd2_file, tiny)
     torch.save(make_osediff_dict(str(tiny))[0], root / "d3sr" / "osediff-tiny.pkl")
-    os.link(generated_once(tmp_path_factory, "tiny-sd1.safetensors", lambda path: synthetic.write_checkpoint(
-        path, unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3)), root / "checkpoints" / "tiny-sd1.safetensors")
+    sd1 = generated_once(tmp_path_factory, "tiny-sd1.safetensors", lambda path: synthetic.write_checkpoint(
+        path, unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3))
+    os.link(sd1, root / "checkpoints" / "tiny-sd1.safetensors")
     unet = synthetic.unet_layout(synthetic.TINY_SD2_UNET_CONFIG)
     for t, seed in ((399, 10), (250, 11)):
         w = synthetic.random_d3sr_weights(unet, timestep=t, seed=seed)

@@ -321,16 +321,16 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, tiny_setup
 def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, tiny_setup):
     # The SDXL file's own text encoders (full-size CLIP-L + bigG, seeded) give the empty-prompt
     # context and pooled vector. Reference: the seeded SDXLClipModel the file was written from,
-    # in memory (its weights drawn in fp16, as stored), fed the tokenizer's "" directly.
+    # in memory (its weights held in fp16, as stored; computed in float32), fed the tokenizer's ""
+    # directly.
     from comfy import sdxl_clip
 
-    ref = synthetic.build_sdxl_text_encoders(seed=9, dtype=torch.float16)   # 0.8 B parameters: built once
+    stored = synthetic.build_sdxl_text_encoders(seed=9, dtype=torch.float16)   # 0.8 B parameters
     path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7,
-                                           text_encoders=ref, vae=False)
+                                           text_encoders=stored, vae=False)
     models = {"generator": tiny_setup["generator"], "discriminator": path}
     trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, models=models)))
-    stored = ref
-    ref = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)   # the stored values, in float32
+    ref = sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
     ref.load_state_dict(stored.state_dict())
     del stored
     with torch.no_grad():
