@@ -65,11 +65,8 @@ GIB = 2 ** 30
 # ---------------------------------------------------------------------------------------------
 
 def _synthetic():
-    """The seeded-model builders (moving from d3sr_core to devtools; either location works)."""
-    try:
-        from devtools import synthetic
-    except ImportError:
-        from devtools import synthetic
+    """The seeded-model builders (devtools.synthetic), imported once ComfyUI is on the path."""
+    from devtools import synthetic
     return synthetic
 
 

@@ -152,12 +152,17 @@ def prepare_input(d3sr: D3SRModel, lr: torch.Tensor, factor: float) -> torch.Ten
     return x
 
 
-def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """`x` [B, C, H, W] in channels-last memory order when it is on the CPU, unchanged elsewhere.
-    oneDNN's convolutions then skip their layout reorders: the full SD2.1 UNet runs 1.38x and the
-    VAE decoder 1.16x faster on 2 Xeon cores, same values up to float32 rounding
-    (benchmarks/results/peers_cpu.md). Not applied on GPUs, where it is not measured yet."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+# From this many image pixels up, the VAE runs faster on the CPU with channels-last tensors
+# (benchmarks/results/channels_last_cpu.md, full SD2.1 VAE on 2 Xeon cores: decode 1.1-1.3x and
+# encode 1.1-1.35x at 256-512 px, even at 128 px, slower below: oneDNN reorders each
+# convolution's weights to the input's layout on every call, a fixed cost small images do not
+# amortise). The UNet gains nothing measurable at any size and keeps the plain layout.
+CHANNELS_LAST_MIN_PIXELS = 128 * 128
+
+
+def _vae_channels_last(x: torch.Tensor, image_pixels: int) -> bool:
+    """Whether the VAE should get `x` in channels-last order: on the CPU, for large images."""
+    return x.device.type == "cpu" and image_pixels >= CHANNELS_LAST_MIN_PIXELS
 
 
 def predict_x0(base_model: torch.nn.Module, z: torch.Tensor, timestep: int,
@@ -171,7 +176,7 @@ def predict_x0(base_model: torch.nn.Module, z: torch.Tensor, timestep: int,
     """
     sigma_value = sigma_for_timestep(timestep)
     sigma = torch.full((z.shape[0],), sigma_value, device=z.device, dtype=torch.float32)
-    x = cpu_channels_last(z.float() * (sigma_value ** 2 + 1.0) ** 0.5)
+    x = z.float() * (sigma_value ** 2 + 1.0) ** 0.5
     ctx = context.to(z.device)
     if ctx.shape[0] != z.shape[0]:
         ctx = ctx.expand(z.shape[0], *ctx.shape[1:])
@@ -180,15 +185,21 @@ def predict_x0(base_model: torch.nn.Module, z: torch.Tensor, timestep: int,
 
 
 def vae_encode(vae: object, pixels: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's `VAE.encode` of BCHW [0, 1] -> its (unscaled) latent [B, 4, H/8, W/8]. The VAE
-    gets a contiguous BHWC image, as ComfyUI's own VAE Encode node gives it: ComfyUI's move back
-    to BCHW is then channels-last, 1.5x faster on the CPU than a BHWC view of a BCHW tensor."""
-    return vae.encode(pixels.movedim(1, -1).contiguous())
+    """ComfyUI's `VAE.encode` of BCHW [0, 1] -> its (unscaled) latent [B, 4, H/8, W/8]. Large
+    images on the CPU go as a contiguous BHWC tensor, as ComfyUI's own VAE Encode node gives
+    them: ComfyUI's move back to BCHW is then channels-last (see CHANNELS_LAST_MIN_PIXELS)."""
+    bhwc = pixels.movedim(1, -1)
+    if _vae_channels_last(pixels, pixels.shape[-2] * pixels.shape[-1]):
+        bhwc = bhwc.contiguous()
+    return vae.encode(bhwc)
 
 
 def vae_decode(vae: object, z: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's `VAE.decode` of an unscaled latent [B, 4, h, w] -> BCHW [0, 1] at 8x the size."""
-    return vae.decode(cpu_channels_last(z)).movedim(-1, 1)
+    """ComfyUI's `VAE.decode` of an unscaled latent [B, 4, h, w] -> BCHW [0, 1] at 8x the size;
+    channels-last for large images on the CPU (see CHANNELS_LAST_MIN_PIXELS)."""
+    if _vae_channels_last(z, 64 * z.shape[-2] * z.shape[-1]):
+        z = z.contiguous(memory_format=torch.channels_last)
+    return vae.decode(z).movedim(-1, 1)
 
 
 def encode_latent(d3sr: D3SRModel, pixels: torch.Tensor) -> torch.Tensor:
