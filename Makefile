@@ -9,9 +9,10 @@ setup:
 demo: setup
 	@$(ENV) && $$PYTHON scripts/demo.py
 
-# Two pytest-xdist workers, a test file each at a time (module fixtures are built once).
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once), the
+# longest files first (tests/conftest.py).
 test: setup
-	@$(ENV) && $$PYTHON -m ruff check . && $$PYTHON -m pytest -n 2 --dist loadfile
+	@$(ENV) && $$PYTHON -m ruff check . && $$PYTHON -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	@$(ENV) && $$PYTHON -m ruff check .

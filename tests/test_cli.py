@@ -37,7 +37,7 @@ def cli(capsys):
     return run
 
 
-def test_folder_upscale_and_no_overwrite(models_dir, tmp_path):
+def test_folder_upscale_and_no_overwrite(cli, models_dir, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def test_folder_upscale_and_no_overwrite(models_dir, tmp_path):
     with Image.open(out / "a.png") as a, Image.open(out / "b.png") as b:
         assert a.size == (34, 24) and b.size == (18, 18) and a.mode == "RGB"
     before = (out / "a.png").read_bytes()
-    r = run_cli(*args)
+    r = cli(*args)
     assert "kept 2 existing" in r.stdout and (out / "a.png").read_bytes() == before
 
 

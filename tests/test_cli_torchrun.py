@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -11,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from d3sr_core.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Sorted: a.png b.jpg bad.png c.jpg c.png -> rank 0 gets a, bad, c.png; rank 1 gets b, c.jpg.
@@ -21,15 +26,28 @@ INPUTS = ["a.png", "b.jpg", "bad.png", "c.jpg", "c.png"]
 OUTPUTS = {"a.png": "a.png", "b.jpg": "b.png", "c.jpg": "c_jpg.png", "c.png": "c_png.png"}
 
 
-def run_cli(args: list[str], ranks: int | None = None) -> subprocess.CompletedProcess:
-    """The CLI as one process, or under torchrun with `ranks` CPU processes on a free port.
-    OMP_NUM_THREADS=1 in both (torchrun's default per rank): CPU float sums, and so the last
-    bit of a pixel, depend on the thread count."""
-    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--standalone",
-                                         "--nproc_per_node", str(ranks)]
+def run_torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    """The CLI under torchrun with `ranks` CPU processes on a free port, OMP_NUM_THREADS=1
+    (torchrun's default per rank): CPU float sums, and so the last bit of a pixel, depend on
+    the thread count."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     return subprocess.run([sys.executable, *launcher, "-m", "d3sr_core", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def single_process(args: list[str]) -> tuple[int, str]:
+    """The CLI's main(args) in this process with one thread, as each torchrun rank runs: the
+    single-process reference without a new process's imports. (exit status, stdout)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return code, out.getvalue()
 
 
 def written_by_rank(stdout: str) -> Counter:
@@ -55,8 +73,8 @@ def job(models_dir, tmp_path_factory):
                 "--weights", str(models_dir / "d3sr" / "tiny-t399.safetensors"),
                 "--input", str(src), "--output", str(out), "--factor", "2", "--cpu", "--verbose"]
 
-    r = run_cli(args(root / "single"))
-    assert r.returncode == 1 and "wrote 4 image(s)" in r.stdout, r.stderr[-3000:]
+    code, stdout = single_process(args(root / "single"))
+    assert code == 1 and "wrote 4 image(s)" in stdout, stdout[-3000:]
     reference = {p.name: p.read_bytes() for p in (root / "single").iterdir()}
     assert sorted(reference) == sorted(OUTPUTS.values())
     return root, args, reference
@@ -70,7 +88,7 @@ def expected_rank(output_name: str) -> int:
 def test_two_ranks_equal_a_single_process_each_file_once(job):
     root, args, reference = job
     out = root / "two"
-    r = run_cli(args(out), ranks=2)
+    r = run_torchrun(args(out))
     assert r.returncode != 0, r.stdout[-2000:]   # bad.png failed: the job fails
     assert "wrote 4 image(s)" in r.stdout and "(per rank: 2, 2)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     assert "skipped 1 unreadable" in r.stdout
@@ -92,7 +110,7 @@ def test_stopped_job_resumes(job):
     for name in done:
         (out / name).write_bytes(reference[name])
     before = {name: os.stat(out / name) for name in done}
-    r = run_cli(args(out), ranks=2)
+    r = run_torchrun(args(out))
     assert r.returncode != 0 and "wrote 2 image(s)" in r.stdout and "kept 2 existing" in r.stdout, \
         r.stdout[-2000:] + r.stderr[-3000:]
     writes = written_by_rank(r.stdout)
