@@ -62,58 +62,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order in a file kept
 
 
-# Large generated files go to memory (/dev/shm) when it is a tmpfs with room: the 2-core VMs
-# this suite is timed on write to disk at about 135 MB/s, so the session's 2.2 GB of generated
-# checkpoints took 23 s to write there and 12 s in memory (the same generation).
-MEMORY_ROOT = Path("/dev/shm")
-GENERATED_ENV = "D3SR_TEST_GENERATED"   # the run's folder, set by the controller for its workers
-
-
-def _memory_room(gib: float) -> bool:
-    """Whether /dev/shm takes `gib` GiB more (never with D3SR_TEST_MEMORY=0)."""
-    import shutil
-    return os.environ.get("D3SR_TEST_MEMORY") != "0" and MEMORY_ROOT.is_dir() and os.access(MEMORY_ROOT, os.W_OK) and \
-        shutil.disk_usage(MEMORY_ROOT).free >= gib * 2 ** 30
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """In the controller (or a run without workers): make this run's folder for generated files
-    in memory when there is room (8 GiB free), after removing those of runs no longer alive."""
-    import shutil
-    if hasattr(config, "workerinput") or GENERATED_ENV in os.environ or not _memory_room(8):
-        return
-    for stale in MEMORY_ROOT.glob("d3sr-tests-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    folder = MEMORY_ROOT / f"d3sr-tests-{os.getpid()}"
-    folder.mkdir()
-    os.environ[GENERATED_ENV] = str(folder)       # inherited by the workers xdist starts next
-    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-
-
 def generated_once(tmp_path_factory, name: str, make: Callable[[str], object]) -> Path:
     """The file `name` that `make(path)` writes (atomically, the same bytes every time), made once
-    per test run: in this run's folder for generated files (in memory when pytest_configure made
-    one, else the run's temporary folder), by the first worker that asks while the others wait
-    on a lock and then reuse it. Tests only read it (through symbolic links)."""
+    per test run: under pytest-xdist by the first worker that asks, in the run's shared temporary
+    folder, while the others wait on a lock and then reuse it. Tests only read it (hard links)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp("generated") / name
+        make(str(path))
+        return path
     from filelock import FileLock
-    if GENERATED_ENV in os.environ:
-        shared = Path(os.environ[GENERATED_ENV])
-    elif "PYTEST_XDIST_WORKER" in os.environ:
-        shared = tmp_path_factory.getbasetemp().parent / "generated"   # this run's, for all workers
-    else:
-        shared = tmp_path_factory.getbasetemp() / "generated"
+    shared = tmp_path_factory.getbasetemp().parent / "generated"   # this run's, for all workers
     shared.mkdir(exist_ok=True)
     path = shared / name
     with FileLock(str(path) + ".lock"):
@@ -122,26 +80,10 @@ def generated_once(tmp_path_factory, name: str, make: Callable[[str], object]) -
     return path
 
 
-@pytest.fixture
-def memory_tmp_path(tmp_path) -> Path:
-    """A folder for one test's large scratch files: in memory, inside the run's in-memory folder
-    (pytest_configure) while 6 GiB are free there, else tmp_path; removed after the test."""
-    import shutil
-    import tempfile
-    if GENERATED_ENV not in os.environ or not _memory_room(6):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="scratch-", dir=os.environ[GENERATED_ENV]))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd2_file(tmp_path_factory) -> Path:
     """The tiny SD2 checkpoint (synthetic.write_checkpoint with seed 0: UNet, full-size KL VAE,
-    no text encoder), written once per session. models_dir and tiny_setup hold symbolic links to it;
+    no text encoder), written once per session. models_dir and tiny_setup hold hard links to it;
     nothing may change it."""
     from devtools import synthetic
     return generated_once(tmp_path_factory, "tiny-sd2.safetensors",
@@ -164,11 +106,11 @@ def models_dir(tmp_path_factory, tiny_sd2_file) -> Path:
     for sub in ("checkpoints", "d3sr", "loras"):
         (root / sub).mkdir()
     tiny = root / "checkpoints" / "tiny-sd2.safetensors"
-    os.symlink(tiny_sd2_file, tiny)
+    os.link(tiny_sd2_file, tiny)
     torch.save(make_osediff_dict(str(tiny))[0], root / "d3sr" / "osediff-tiny.pkl")
     sd1 = generated_once(tmp_path_factory, "tiny-sd1.safetensors", lambda path: synthetic.write_checkpoint(
         path, unet_config=synthetic.TINY_SD1_UNET_CONFIG, seed=3))
-    os.symlink(sd1, root / "checkpoints" / "tiny-sd1.safetensors")
+    os.link(sd1, root / "checkpoints" / "tiny-sd1.safetensors")
     unet = synthetic.unet_layout(synthetic.TINY_SD2_UNET_CONFIG)
     for t, seed in ((399, 10), (250, 11)):
         w = synthetic.random_d3sr_weights(unet, timestep=t, seed=seed)
@@ -189,7 +131,7 @@ def sd2_clip_file(tmp_path_factory, models_dir, tiny_sd2_file) -> Path:
     made = generated_once(tmp_path_factory, "tiny-sd2-clip.safetensors",
                           lambda path: synthetic.add_sd2_text_encoder(str(tiny_sd2_file), path, seed=0))
     path = models_dir / "checkpoints" / "tiny-sd2-clip.safetensors"
-    os.symlink(made, path)
+    os.link(made, path)
     return path
 
 
@@ -221,12 +163,12 @@ def _file_stamps(root: Path) -> dict[str, tuple[int, int]]:
 def tiny_setup(tmp_path_factory, tiny_sd2_file):
     """devtools.tiny_setup's training set-up (4 images of 40 x 40), made once per session for
     the training tests, which only read it (every run writes under its own tmp_path; checked
-    when the session ends). Its generator is a symbolic link to tiny_sd2_file: prepare_tiny_setup
+    when the session ends). Its generator is a hard link to tiny_sd2_file: prepare_tiny_setup
     writes that same checkpoint (seed 0) and keeps an existing file."""
     from devtools.tiny_setup import prepare_tiny_setup
     root = tmp_path_factory.mktemp("tiny_setup")
     (root / "models").mkdir()
-    os.symlink(tiny_sd2_file, root / "models" / "tiny-sd2.safetensors")
+    os.link(tiny_sd2_file, root / "models" / "tiny-sd2.safetensors")
     paths = prepare_tiny_setup(str(root), images=4, size=40)
     assert os.path.samefile(paths["generator"], tiny_sd2_file)
     before = _file_stamps(root)

@@ -318,15 +318,15 @@ def test_embedding_starts_from_the_checkpoints_empty_prompt(tmp_path, tiny_setup
     assert not trainer.G.embedding.requires_grad          # frozen by default (the paper's Fig. 1)
 
 
-def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, memory_tmp_path, tiny_setup):
+def test_discriminator_conditioning_comes_from_the_sdxl_text_encoders(tmp_path, tiny_setup):
     # The SDXL file's own text encoders (full-size CLIP-L + bigG, seeded) give the empty-prompt
     # context and pooled vector. Reference: the seeded SDXLClipModel the file was written from,
     # in memory (its weights held in fp16, as stored; computed in float32), fed the tokenizer's ""
-    # directly. The 1.6 GB file goes to memory_tmp_path.
+    # directly.
     from comfy import sdxl_clip
 
     stored = synthetic.build_sdxl_text_encoders(seed=9, dtype=torch.float16)   # 0.8 B parameters
-    path = synthetic.write_sdxl_checkpoint(str(memory_tmp_path / "mini-sdxl-te.safetensors"), seed=7,
+    path = synthetic.write_sdxl_checkpoint(str(tmp_path / "mini-sdxl-te.safetensors"), seed=7,
                                            text_encoders=stored, vae=False)
     models = {"generator": tiny_setup["generator"], "discriminator": path}
     trainer = Trainer(load_config(write_config(tmp_path, tiny_setup, models=models)))
