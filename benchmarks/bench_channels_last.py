@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from machine import machine_name  # noqa: E402
-
-
-def median_seconds(fn, runs: int) -> float:
-    fn()                                           # warm-up: oneDNN primitive creation
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from machine import machine_name, median_time  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {"latent": side, "image": side * 8}
             for name, fmt in (("plain", plain), ("last", last)):
                 x = z.contiguous(memory_format=fmt)
-                row[f"unet_{name}"] = median_seconds(
-                    lambda x=x: base.apply_model(x, sigma, c_crossattn=context), args.runs)
-                row[f"decode_{name}"] = median_seconds(lambda x=x: vae.decode(x), args.runs)
+                row[f"unet_{name}"] = median_time(
+                    lambda x=x: base.apply_model(x, sigma, c_crossattn=context), args.runs, 1)
+                row[f"decode_{name}"] = median_time(lambda x=x: vae.decode(x), args.runs, 1)
             # encode: ComfyUI's VAE takes BHWC and moves it to BCHW itself; a contiguous BHWC
             # image becomes a channels-last BCHW one, a BHWC view of a BCHW image a plain one.
-            row["encode_plain"] = median_seconds(lambda img=img: vae.encode(img.movedim(1, -1)), args.runs)
-            row["encode_last"] = median_seconds(
-                lambda img=img: vae.encode(img.movedim(1, -1).contiguous()), args.runs)
+            row["encode_plain"] = median_time(lambda img=img: vae.encode(img.movedim(1, -1)), args.runs, 1)
+            row["encode_last"] = median_time(
+                lambda img=img: vae.encode(img.movedim(1, -1).contiguous()), args.runs, 1)
             rows.append(row)
             print(row, flush=True)
 
@@ -87,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Channels-last vs plain memory order on the CPU, by size",
         "",
         f"Machine: {machine_name()}",
-        f"Command: `python benchmarks/bench_channels_last.py --sd /tmp/d3sr_peers/sd.safetensors --runs {args.runs}`",
-        "(full SD2.1-base UNet and KL VAE, fp32, batch 1; median of the runs after a warm-up).",
+        f"Command: `python benchmarks/bench_channels_last.py{' --sd ' + args.sd if args.sd else ''} "
+        f"--runs {args.runs} --latents {args.latents}`",
+        "(full SD2.1-base UNet and KL VAE, fp32, batch 1; median of the runs after one warm-up call).",
         "Speed-up = plain time / channels-last time: above 1, channels-last is faster.",
         "",
         "| latent | image | UNet plain s | UNet last s | UNet speed-up | decode plain s | decode last s "

@@ -21,32 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from machine import machine_name  # noqa: E402
+from machine import machine_name, median_time  # noqa: E402
 
 CASES = ((128, 512), (512, 2048))
 PAPER = "D3SR 0.11 s and OSEDiff 0.35 s per 512^2 on an A100 (paper); goal 0.03 s per 512^2 and < 1 s for 2048^2"
-
-
-def median_time(fn, runs: int, warmup: int) -> float:
-    """Median wall time of `fn()` in seconds, CUDA-synchronised, after `warmup` calls."""
-    import torch
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def build_state_dict(unet_config: dict, seed: int = 0) -> tuple[dict, object]:

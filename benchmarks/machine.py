@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -81,3 +82,18 @@ def mem_available_gb() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def median_time(fn, runs: int, warmup: int) -> float:
+    """Median wall time of `fn()` in seconds, CUDA-synchronised, after `warmup` calls."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
