@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -21,23 +23,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.fixture
-def cli(capsys):
+def main_in_process(*args: str) -> subprocess.CompletedProcess:
     """The CLI's `main(argv)` in this process, as `python -m d3sr_core` runs it (its return value
-    is the exit status; argparse's errors exit 2): the same code without a new process's ~3 s of
-    imports. `test_folder_upscale_and_no_overwrite` and one bad option check the real entry."""
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
+    is the exit status; argparse's errors exit 2), stdout and stderr captured: the same code
+    without a new process's ~3 s of imports. `test_folder_upscale_and_no_overwrite` and one bad
+    option check the real entry (run_cli)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as e:
             code = e.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["d3sr_core", *args], code, out, err)
-    return run
+    return subprocess.CompletedProcess(["d3sr_core", *args], code, out.getvalue(), err.getvalue())
 
 
-def test_folder_upscale_and_no_overwrite(cli, models_dir, tmp_path):
+def test_folder_upscale_and_no_overwrite(models_dir, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -53,12 +53,12 @@ def test_folder_upscale_and_no_overwrite(cli, models_dir, tmp_path):
     with Image.open(out / "a.png") as a, Image.open(out / "b.png") as b:
         assert a.size == (34, 24) and b.size == (18, 18) and a.mode == "RGB"
     before = (out / "a.png").read_bytes()
-    r = cli(*args)
+    r = main_in_process(*args)
     assert "kept 2 existing" in r.stdout and (out / "a.png").read_bytes() == before
 
 
-def test_missing_input_is_a_clear_error(cli, models_dir, tmp_path):
-    r = cli("--checkpoint", "x.safetensors", "--weights", "y.safetensors",
+def test_missing_input_is_a_clear_error(models_dir, tmp_path):
+    r = main_in_process("--checkpoint", "x.safetensors", "--weights", "y.safetensors",
             "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
     assert r.returncode != 0 and "does not exist" in r.stderr
 
@@ -78,44 +78,44 @@ def _images(folder: Path, names: list[str], seed: int = 0) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_output_that_would_replace_an_input_is_refused(cli, models_dir, tmp_path, overwrite):
+def test_output_that_would_replace_an_input_is_refused(models_dir, tmp_path, overwrite):
     src = tmp_path / "photos"
     originals = _images(src, ["a.png", "b.jpg"])
     extra = ["--overwrite"] if overwrite else []
     # The input folder itself, given as the same path, through a link to it, and for one file.
     (tmp_path / "link").symlink_to(src, target_is_directory=True)
     for inp, out in ((src, src), (src, tmp_path / "link"), (src / "a.png", src)):
-        r = cli(*_model_args(models_dir, inp, out, *extra))
+        r = main_in_process(*_model_args(models_dir, inp, out, *extra))
         assert r.returncode == 2 and "is the folder the input images are in" in r.stderr, r.stderr[-2000:]
     # An output file that resolves to an input (a link in the output folder).
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.png").symlink_to(src / "a.png")
-    r = cli(*_model_args(models_dir, src, out, *extra))
+    r = main_in_process(*_model_args(models_dir, src, out, *extra))
     assert r.returncode == 2 and "is the input" in r.stderr and "a.png" in r.stderr, r.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in src.iterdir()} == originals
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
 
 
-def test_inputs_sharing_a_name_get_distinct_outputs(cli, models_dir, tmp_path):
+def test_inputs_sharing_a_name_get_distinct_outputs(models_dir, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _images(src, ["a.png", "a.jpg", "b.png"])
-    r = cli(*_model_args(models_dir, src, out))
+    r = main_in_process(*_model_args(models_dir, src, out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote 3 image(s)" in r.stdout and "kept" not in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["a_jpg.png", "a_png.png", "b.png"]
     with Image.open(out / "a_jpg.png") as a, Image.open(out / "a_png.png") as b:
         assert a.size == b.size == (20, 16)
         assert not np.array_equal(np.asarray(a), np.asarray(b))   # each from its own input
-    r = cli(*_model_args(models_dir, src, out))
+    r = main_in_process(*_model_args(models_dir, src, out))
     assert r.returncode == 0 and "wrote 0 image(s)" in r.stdout and "kept 3 existing" in r.stdout
 
 
-def test_unreadable_image_is_skipped_listed_and_fails_the_run(cli, models_dir, tmp_path):
+def test_unreadable_image_is_skipped_listed_and_fails_the_run(models_dir, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _images(src, ["good.png"])
     (src / "bad.png").write_bytes(b"not a png at all")
-    r = cli(*_model_args(models_dir, src, out))
+    r = main_in_process(*_model_args(models_dir, src, out))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "wrote 1 image(s)" in r.stdout and "skipped 1 unreadable" in r.stdout
     assert "1 image(s) could not be read" in r.stderr and "bad.png" in r.stderr
@@ -131,14 +131,14 @@ def test_unreadable_image_is_skipped_listed_and_fails_the_run(cli, models_dir, t
     ("--strength", "nan", "LoRA strength nan is not a finite number"),
     ("--strength", "inf", "not a finite number"),
 ])
-def test_bad_factor_or_strength_stops_before_anything_loads(cli, models_dir, tmp_path, option, value, expected):
+def test_bad_factor_or_strength_stops_before_anything_loads(models_dir, tmp_path, option, value, expected):
     src, out = tmp_path / "in", tmp_path / "out"
     _images(src, ["a.png"])
-    r = cli(*_model_args(models_dir, src, out), option, value)
+    r = main_in_process(*_model_args(models_dir, src, out), option, value)
     assert r.returncode == 2 and expected in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()
     # Checked before the files too: a missing checkpoint is not what it reports.
-    r = cli("--checkpoint", str(tmp_path / "missing.safetensors"), "--weights", "w.safetensors",
+    r = main_in_process("--checkpoint", str(tmp_path / "missing.safetensors"), "--weights", "w.safetensors",
             "--input", str(src), "--output", str(out), option, value)
     assert r.returncode == 2 and expected in r.stderr and "not found" not in r.stderr
 
@@ -150,7 +150,7 @@ def test_bad_option_in_a_real_process_exits_2_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
-def test_nan_output_and_bad_weights_are_errors_not_black_pngs(cli, models_dir, tmp_path):
+def test_nan_output_and_bad_weights_are_errors_not_black_pngs(models_dir, tmp_path):
     import dataclasses
 
     from d3sr_core.weight_format import read_weights, write_weights
@@ -162,12 +162,12 @@ def test_nan_output_and_bad_weights_are_errors_not_black_pngs(cli, models_dir, t
     _images(src, ["a.png"])
     args = _model_args(models_dir, src, out)
     args[args.index("--weights") + 1] = str(huge)
-    r = cli(*args)
+    r = main_in_process(*args)
     assert r.returncode == 2 and "NaN or infinite" in r.stderr and "LoRA alphas" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(huge.read_bytes()[:1000])
     args[args.index("--weights") + 1] = str(broken)
-    r = cli(*args)
+    r = main_in_process(*args)
     assert r.returncode == 2 and "cannot be read as safetensors" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists()

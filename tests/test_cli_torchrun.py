@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import subprocess
@@ -15,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from d3sr_core.__main__ import main
+from test_cli import main_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # Sorted: a.png b.jpg bad.png c.jpg c.png -> rank 0 gets a, bad, c.png; rank 1 gets b, c.jpg.
@@ -36,18 +33,15 @@ def run_torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def single_process(args: list[str]) -> tuple[int, str]:
-    """The CLI's main(args) in this process with one thread, as each torchrun rank runs: the
-    single-process reference without a new process's imports. (exit status, stdout)."""
+def single_process(args: list[str]) -> subprocess.CompletedProcess:
+    """test_cli's main_in_process with one thread, as each torchrun rank runs: the single-process
+    reference without a new process's imports."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
-            code = main(args)
+        return main_in_process(*args)
     finally:
         torch.set_num_threads(threads)
-    return code, out.getvalue()
 
 
 def written_by_rank(stdout: str) -> Counter:
@@ -73,8 +67,8 @@ def job(models_dir, tmp_path_factory):
                 "--weights", str(models_dir / "d3sr" / "tiny-t399.safetensors"),
                 "--input", str(src), "--output", str(out), "--factor", "2", "--cpu", "--verbose"]
 
-    code, stdout = single_process(args(root / "single"))
-    assert code == 1 and "wrote 4 image(s)" in stdout, stdout[-3000:]
+    r = single_process(args(root / "single"))
+    assert r.returncode == 1 and "wrote 4 image(s)" in r.stdout, r.stderr[-3000:]
     reference = {p.name: p.read_bytes() for p in (root / "single").iterdir()}
     assert sorted(reference) == sorted(OUTPUTS.values())
     return root, args, reference
