@@ -5,10 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-from . import comfy_internals
-
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,6 +26,12 @@ def import_comfy(cpu: bool | None = None) -> str:
     """Put ComfyUI on sys.path and prepare its CLI args before comfy.model_management is
     imported (a CPU-only torch otherwise fails). `cpu=None` picks the CPU when CUDA is absent.
     Returns the ComfyUI folder."""
+    # torch here, not at the top: find_comfyui serves callers that need no torch (the test
+    # runner's controller process, set-up scripts).
+    import torch
+
+    from . import comfy_internals
+
     root = find_comfyui()
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -3,6 +3,7 @@ generated at test time from ComfyUI's own classes with seeded weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -35,26 +36,53 @@ if str(ROOT) not in sys.path:
 
 from d3sr_core import host  # noqa: E402
 
-host.import_comfy(cpu=True)
-if _WORKERS > 1:
-    import torch
-
-    torch.set_num_threads(_THREADS)
-
 sys.path.append(str(ROOT / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
 
 # `make test` hands whole files to its two workers (--dist loadfile) in collection order
 # (--no-loadscope-reorder): the longest first, so that the run does not end with one worker
 # alone on a long file. Longest first as measured under `make test` (2 workers on 2 cores,
-# --durations=0 summed per file); files not named here follow in their usual order.
+# --durations=0 summed per file; the two files on one server count as one), except that the
+# files on the server come after a file that makes tiny-sd2-clip (test_osediff.py) has had time
+# to make it, so no worker waits for it; files not named here follow in their usual order.
 LONGEST_FILES_FIRST = [
-    "test_training_options.py", "test_osediff.py", "test_training_gan_processes.py",
-    "test_training_loop.py", "test_cli_torchrun.py", "test_browser_ui.py", "test_tiling.py",
-    "test_server_e2e.py", "test_comfy_internals.py", "test_cli.py", "test_training_dists.py",
-    "test_pipeline_reference.py", "test_training_evaluate.py", "test_hostile_input.py",
-    "test_training_real_layouts.py",
+    "test_osediff.py", "test_training_options.py", "test_server_e2e.py", "test_browser_ui.py",
+    "test_training_loop.py", "test_training_gan_processes.py", "test_cli_torchrun.py", "test_tiling.py",
+    "test_cli.py", "test_training_dists.py", "test_pipeline_reference.py", "test_training_evaluate.py",
+    "test_training_real_layouts.py", "test_comfy_internals.py", "test_hostile_input.py",
 ]
+# Files that share the session's ComfyUI server (the `server` fixture): one unit of work for
+# pytest-xdist, so that one worker starts it, once.
+ONE_SERVER_FILES = ("test_server_e2e.py", "test_browser_ui.py")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, with ONE_SERVER_FILES in one unit (the first file's name)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneServerScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            folder, _, name = scope.rpartition("/")
+            return f"{folder}/{ONE_SERVER_FILES[0]}" if name in ONE_SERVER_FILES else scope
+
+    return OneServerScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """ComfyUI on the path with its CPU options, before any test module imports it; not in
+    pytest-xdist's controller, which only hands tests to the workers (2 s of torch imports
+    saved while the workers start)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    host.import_comfy(cpu=True)
+    if _WORKERS > 1:
+        import torch
+
+        torch.set_num_threads(_THREADS)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -178,10 +206,19 @@ def tiny_setup(tmp_path_factory, tiny_sd2_file):
 
 @pytest.fixture(scope="session")
 def server(models_dir, sd2_clip_file, tmp_path_factory):
-    """A real ComfyUI server (the pinned host or $COMFYUI_PATH) with this pack loaded, over
-    models_dir with tiny-sd2-clip (the OSEDiff workflow's checkpoint)."""
+    """A real ComfyUI server (the pinned host or $COMFYUI_PATH) with this pack loaded and, when
+    comfyui-frontend-package is installed, the web page; over models_dir with tiny-sd2-clip (the
+    OSEDiff workflow's checkpoint) and a second models folder, server.extra_models (checkpoints/,
+    d3sr/, empty at first), where the browser tests link tiny models under the templates' own
+    file names. test_server_e2e.py and test_browser_ui.py share it: one server start
+    (pytest_xdist_make_scheduler keeps the two files on one worker)."""
     work = tmp_path_factory.mktemp("server")
-    srv = ComfyServer(host.find_comfyui(), ROOT, models_dir, work)
+    extra = work / "extra_models"
+    for sub in ("checkpoints", "d3sr"):
+        (extra / sub).mkdir(parents=True)
+    frontend = importlib.util.find_spec("comfyui_frontend_package") is not None
+    srv = ComfyServer(host.find_comfyui(), ROOT, models_dir, work / "comfyui", frontend=frontend,
+                      extra_models=extra)
     srv.start()
     yield srv
     srv.stop()
