@@ -24,11 +24,14 @@ class ComfyServer:
     """ComfyUI's main.py on 127.0.0.1 with the pack linked into a custom_nodes folder of its own."""
 
     def __init__(self, comfy_root: str, pack_root: Path, models_dir: Path, work: Path,
-                 pack_name: str = "comfyui-d3sr", frontend: bool = False, port: int | None = None) -> None:
+                 pack_name: str = "comfyui-d3sr", frontend: bool = False, port: int | None = None,
+                 extra_models: Path | None = None) -> None:
         """frontend: serve the web page from the installed comfyui-frontend-package (for a
         browser); otherwise only the HTTP API answers (an empty --front-end-root).
-        port: on 127.0.0.1; a free one when None."""
+        port: on 127.0.0.1; a free one when None. extra_models: a second models folder
+        (checkpoints/, d3sr/) the loaders list too."""
         self.comfy_root, self.work, self.frontend = comfy_root, work, frontend
+        self.extra_models = extra_models
         self.pack_name = pack_name
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,13 +42,15 @@ class ComfyServer:
             d.mkdir(parents=True, exist_ok=True)
         (custom / pack_name).symlink_to(pack_root, target_is_directory=True)
         self.config = work / "extra_model_paths.yaml"
-        self.config.write_text(
-            "d3sr_tests:\n"
-            f"  base_path: {models_dir}\n"
-            "  checkpoints: checkpoints\n"
-            "  loras: loras\n"
-            "  d3sr: d3sr\n"
-            f"  custom_nodes: {custom}\n")
+        config = ("d3sr_tests:\n"
+                  f"  base_path: {models_dir}\n"
+                  "  checkpoints: checkpoints\n"
+                  "  loras: loras\n"
+                  "  d3sr: d3sr\n"
+                  f"  custom_nodes: {custom}\n")
+        if extra_models is not None:
+            config += f"d3sr_tests_extra:\n  base_path: {extra_models}\n  checkpoints: checkpoints\n  d3sr: d3sr\n"
+        self.config.write_text(config)
         self.log_path = work / "server.log"
         self.proc: subprocess.Popen | None = None
 

@@ -309,9 +309,17 @@ def ui_session(comfy_root: str, work: str | Path, models_dir: Path | None = None
     server = ComfyServer(comfy_root, PACK_ROOT, models_dir, work / "server", frontend=True)
     server.start()
     try:
-        with Chromium() as browser:
-            session = UISession(server, browser)
-            session.page.open()
+        with page_session(server) as session:
             yield session
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def page_session(server: ComfyServer) -> Iterator[UISession]:
+    """Chromium with the page of a running `server` (started with frontend=True) open; Chromium
+    stops afterwards, whatever happens, and the server keeps running."""
+    with Chromium() as browser:
+        session = UISession(server, browser)
+        session.page.open()
+        yield session

@@ -30,10 +30,8 @@ if str(ROOT / "scripts") not in sys.path:
     sys.path.append(str(ROOT / "scripts"))
 
 from chromium_cdp import INSTALL_HINT, chromium_version, find_chromium  # noqa: E402
-from comfy_ui_session import THUMB_PX, ui_session  # noqa: E402
+from comfy_ui_session import THUMB_PX, page_session  # noqa: E402
 from make_workflows import EXAMPLE_IMAGE, EXAMPLE_SIZE, VIEW, WORKFLOWS  # noqa: E402
-
-from d3sr_core import host  # noqa: E402
 
 ARTIFACTS = ROOT / "out" / "browser_ui"
 TEMPLATES = list(WORKFLOWS)
@@ -53,9 +51,10 @@ def _template(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ui(models_dir, sd2_clip_file, tmp_path_factory):
-    """A ComfyUI server with the frontend, over a models folder of its own (first empty, then
-    holding links to the tiny models, tiny-sd2-clip among them), and the page open in Chromium."""
+def ui(server, models_dir):
+    """The session's ComfyUI server (conftest: with the frontend, and server.extra_models, a
+    models folder first without the templates' files, then holding links to the tiny models
+    under their names, tiny-sd2-clip among them), and its page open in Chromium."""
     binary = find_chromium()
     if binary is None:
         if os.environ.get("D3SR_REQUIRE_BROWSER"):
@@ -63,17 +62,12 @@ def ui(models_dir, sd2_clip_file, tmp_path_factory):
         pytest.skip(f"no Chromium: {INSTALL_HINT} (make setup installs it when run as root)")
     pytest.importorskip("comfyui_frontend_package", reason="comfyui-frontend-package is not installed: "
                         "run `make setup` (requirements-dev.txt pins it)")
-    work = tmp_path_factory.mktemp("browser_ui")
-    own_models = work / "models"
-    for sub in ("checkpoints", "d3sr"):
-        (own_models / sub).mkdir(parents=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with ui_session(host.find_comfyui(), work / "session", own_models) as session:
-        session.models, session.models_source = own_models, models_dir
+    with page_session(server) as session:
+        session.models, session.models_source = server.extra_models, models_dir
         version = chromium_version(binary)
-        (ARTIFACTS / "browser.txt").write_text(f"{version}\nserver and page ready in "
-                                               f"{time.monotonic() - started:.1f} s\n")
+        (ARTIFACTS / "browser.txt").write_text(f"{version}\npage ready in {time.monotonic() - started:.1f} s\n")
         yield session
         (ARTIFACTS / "page_errors.txt").write_text("\n".join(session.browser.console) + "\n")
 
@@ -104,7 +98,7 @@ def test_template_browser_lists_every_template_with_its_thumbnail(ui):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_loads_with_everything_explained(ui, name):
-    _models_in_place(ui, present=False)  # as on a fresh install: no model files at all
+    _models_in_place(ui, present=False)  # as on a fresh install: none of the templates' model files
     loaded = ui.load_template(name)
     if loaded["dialogs"]:
         ui.browser.screenshot(ARTIFACTS / f"dialog on loading - {name}.png")
