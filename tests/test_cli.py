@@ -26,8 +26,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def main_in_process(*args: str) -> subprocess.CompletedProcess:
     """The CLI's `main(argv)` in this process, as `python -m d3sr_core` runs it (its return value
     is the exit status; argparse's errors exit 2), stdout and stderr captured: the same code
-    without a new process's ~3 s of imports. `test_folder_upscale_and_no_overwrite` and one bad
-    option check the real entry (run_cli)."""
+    without a new process's ~7 s of imports. The real entry point is run by
+    test_bad_option_in_a_real_process_exits_2_without_a_traceback (exit status) and by the
+    torchrun tests (test_cli_torchrun.py: fresh processes that import, load and upscale)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -47,7 +48,7 @@ def test_folder_upscale_and_no_overwrite(models_dir, tmp_path):
     args = ["--checkpoint", str(models_dir / "checkpoints" / "tiny-sd2.safetensors"),
             "--weights", str(models_dir / "d3sr" / "tiny-t399.safetensors"),
             "--input", str(src), "--output", str(out), "--factor", "2", "--cpu"]
-    r = run_cli(*args)
+    r = main_in_process(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote 2 image(s)" in r.stdout
     with Image.open(out / "a.png") as a, Image.open(out / "b.png") as b:

@@ -127,11 +127,12 @@ def test_overfit_one_batch(tmp_path, tiny_setup):
     assert end < 0.85 * start, f"MSE+EA-DISTS {start:.4f} -> {end:.4f}"
     assert rows[-1]["loss_mse"] < rows[0]["loss_mse"]
     # Then the discriminator alone (generator learning rate 0) on the same batch, with t drawn from
-    # U{0..200} (train.d_timesteps): with the paper's U{0..999} most of 20 steps see latents that
-    # noise has made indistinguishable, and the gap it reaches is chaotic. Measured at low t.
+    # U{0..200} (train.d_timesteps): with the paper's U{0..999} most steps see latents that noise
+    # has made indistinguishable, and the gap it reaches is chaotic. Measured at low t. 10 steps
+    # (measured: gap -0.01 before, 0.77 after 5 steps, 1.34 after 10, 2.78 after 20).
     trainer.opt_g.param_groups[0]["lr"] = 0.0
     trainer.cfg.train.d_timesteps = (0, 200)
-    for _ in range(20):
+    for _ in range(10):
         trainer.train_step([hr])
     gap = _low_t_logit_gap(trainer, hr)
     assert gap > 0.25 and gap > gap_before + 0.25, f"D(real) - D(fake): {gap_before:.3f} -> {gap:.3f}"
