@@ -80,18 +80,18 @@ def build_kl_vae(seed: int = 1) -> torch.nn.Module:
     return seeded_init_(comfy_internals.build_kl_vae(KL_VAE_DDCONFIG), seed)
 
 
-def build_sd2_text_encoder(seed: int = 2) -> torch.nn.Module:
+def build_sd2_text_encoder(seed: int = 2, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """ComfyUI's SD2 text encoder (OpenCLIP ViT-H/14 text tower, 354 M parameters, full size:
-    its config is fixed) with seeded weights."""
+    its config is fixed) with seeded weights, drawn in float32 and stored in `dtype`."""
     from comfy.text_encoders import sd2_clip
-    return seeded_init_(sd2_clip.SD2ClipModel(device="cpu", dtype=torch.float32), seed)
+    return seeded_init_(sd2_clip.SD2ClipModel(device="cpu", dtype=dtype), seed)
 
 
 def sd2_text_encoder_tensors(seed: int = 2) -> dict[str, torch.Tensor]:
     """A seeded SD2 text encoder (build_sd2_text_encoder) as an SD2 checkpoint stores it:
-    cond_stage_model.model.* in fp16 (0.7 GB)."""
+    cond_stage_model.model.* in fp16 (0.7 GB; built in fp16, without a float32 copy)."""
     import comfy.supported_models
-    clip_sd = build_sd2_text_encoder(seed).state_dict()
+    clip_sd = build_sd2_text_encoder(seed, torch.float16).state_dict()
     saved = comfy.supported_models.SD20(TINY_SD2_UNET_CONFIG).process_clip_state_dict_for_saving(clip_sd)
     return {k: v.half() for k, v in saved.items()}
 

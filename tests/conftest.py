@@ -42,13 +42,15 @@ from comfy_server import ComfyServer  # noqa: E402
 # `make test` hands whole files to its two workers (--dist loadfile) in collection order
 # (--no-loadscope-reorder): the longest first, so that the run does not end with one worker
 # alone on a long file. Longest first as measured under `make test` (2 workers on 2 cores,
-# --durations=0 summed per file; the two files on one server count as one), except that the
-# files on the server come after a file that makes tiny-sd2-clip (test_osediff.py) has had time
-# to make it, so no worker waits for it; files not named here follow in their usual order.
+# --durations=0 summed per file; the two files on one server count as one), except where a
+# worker would wait for a generated file the other one is making: test_training_dists.py (no
+# generated models) goes to the second worker while the first makes tiny-sd2, and the files on
+# the server come after test_osediff.py has made tiny-sd2-clip. Files not named here follow in
+# their usual order.
 LONGEST_FILES_FIRST = [
-    "test_osediff.py", "test_training_options.py", "test_server_e2e.py", "test_browser_ui.py",
-    "test_training_loop.py", "test_training_gan_processes.py", "test_cli_torchrun.py", "test_tiling.py",
-    "test_cli.py", "test_training_dists.py", "test_pipeline_reference.py", "test_training_evaluate.py",
+    "test_training_options.py", "test_training_dists.py", "test_osediff.py", "test_server_e2e.py",
+    "test_browser_ui.py", "test_training_loop.py", "test_training_gan_processes.py", "test_cli_torchrun.py",
+    "test_tiling.py", "test_cli.py", "test_pipeline_reference.py", "test_training_evaluate.py",
     "test_training_real_layouts.py", "test_comfy_internals.py", "test_hostile_input.py",
 ]
 # Files that share the session's ComfyUI server (the `server` fixture): one unit of work for
