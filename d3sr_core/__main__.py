@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from . import host
 from .checks import check_factor, check_strength
 from .distributed_run import Ranks, pick_device
 from .image_io import IMAGE_EXTENSIONS, ImageReadError, is_image_file
@@ -220,7 +221,6 @@ def _load(args: argparse.Namespace, ranks: Ranks) -> tuple[object, str | None]:
         cpu = pick_device(ranks, args.cpu)
     except ValueError as e:
         return None, str(e)
-    from . import host
     host.import_comfy(cpu=cpu)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
@@ -277,4 +277,4 @@ def _summary(args: argparse.Namespace, ranks: Ranks, kept: int, written: int,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    host.run_main(main)

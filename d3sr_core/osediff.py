@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import comfy_internals
+from . import comfy_internals, host
 from .architectures import KL_VAE_DDCONFIG, SD21_UNET_CONFIG
 from .weight_format import (
     EMBEDDING_SHAPE,
@@ -496,7 +496,6 @@ def main(argv: list[str] | None = None) -> int:
                    "read literally as OSEDiff does: brackets are text, not ComfyUI emphasis")
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
-    from . import host
     host.import_comfy()
     try:
         report = convert_file(args.input, args.output, args.force, args.checkpoint, args.prompt)
@@ -511,4 +510,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    host.run_main(main)

@@ -151,6 +151,17 @@ def test_bad_option_in_a_real_process_exits_2_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
+def test_run_main_exits_with_mains_status_after_atexit_and_flushed_output():
+    # host.run_main ends every entry point: the exit status is main's, atexit handlers still run
+    # and buffered output still reaches the pipe (gc.freeze() only skips the last collections).
+    # Also: importing host does not import torch (the test runner's controller relies on it).
+    code = ("import atexit, sys; from d3sr_core import host; "
+            "atexit.register(lambda: print('atexit ran')); "
+            "host.run_main(lambda: print('torch' in sys.modules, end=' ') or 3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and r.stdout == "False atexit ran\n", (r.returncode, r.stdout, r.stderr)
+
+
 def test_nan_output_and_bad_weights_are_errors_not_black_pngs(models_dir, tmp_path):
     import dataclasses
 

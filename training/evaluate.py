@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from d3sr_core import host
 from d3sr_core.atomic_file import write_text_atomic
 from d3sr_core.image_io import IMAGE_EXTENSIONS, image_size, is_image_file, load_image_bchw
 
@@ -286,4 +287,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    host.run_main(main)

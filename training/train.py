@@ -89,4 +89,4 @@ def _run(args: argparse.Namespace, stop: StopSignal) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    host.run_main(main)
