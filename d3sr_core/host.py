@@ -54,4 +54,3 @@ def run_main(main: Callable[[], int]) -> NoReturn:
     code = main()
     gc.freeze()
     sys.exit(code)
-

@@ -21,9 +21,10 @@ if _WORKERS > 1:
 
 # glibc hands large freed blocks back to the kernel at once, and VMs with free-page reporting
 # (Firecracker, as on the 2-core machines this suite is timed on) hand them on to the host:
-# each later allocation of that memory then faults through the hypervisor (about 7 s per GB
-# there, against 0.2 s for memory the process kept). The test processes and those they start
-# (xdist workers, CLI, torchrun ranks, ComfyUI servers) keep freed memory for reuse instead.
+# each later allocation of that memory then faults through the hypervisor (3-8 s per GB there,
+# against 0.2-0.6 s for memory just freed: benchmarks/results/test_suite_cpu.md). The test
+# processes and those they start (xdist workers, CLI, torchrun ranks, ComfyUI servers) keep
+# freed memory for reuse instead.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 30))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 30))
 

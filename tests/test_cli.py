@@ -60,7 +60,7 @@ def test_folder_upscale_and_no_overwrite(models_dir, tmp_path):
 
 def test_missing_input_is_a_clear_error(models_dir, tmp_path):
     r = main_in_process("--checkpoint", "x.safetensors", "--weights", "y.safetensors",
-            "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
+                        "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
     assert r.returncode != 0 and "does not exist" in r.stderr
 
 
@@ -140,7 +140,7 @@ def test_bad_factor_or_strength_stops_before_anything_loads(models_dir, tmp_path
     assert "Traceback" not in r.stderr and not out.exists()
     # Checked before the files too: a missing checkpoint is not what it reports.
     r = main_in_process("--checkpoint", str(tmp_path / "missing.safetensors"), "--weights", "w.safetensors",
-            "--input", str(src), "--output", str(out), option, value)
+                        "--input", str(src), "--output", str(out), option, value)
     assert r.returncode == 2 and expected in r.stderr and "not found" not in r.stderr
 
 
