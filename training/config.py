@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .degradation import DegradationConfig, config_problems
+from .degradation_config import DegradationConfig, config_problems
 
 
 class ConfigError(ValueError):
