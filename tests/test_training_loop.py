@@ -113,15 +113,16 @@ def _low_t_logit_gap(trainer: Trainer, hr: torch.Tensor) -> float:
 
 
 def test_overfit_one_batch(tmp_path, tiny_setup):
-    # A cheaper set-up than the paper's, to fit CPU test time: lr 5e-3 / 1e-3 (not 5e-5), 40 steps,
+    # A cheaper set-up than the paper's, to fit CPU test time: lr 5e-3 / 1e-3 (not 5e-5), 25 steps,
     # lambda_gan 0.05 (the full adversarial step still runs) and EA-DISTS on random VGG weights.
-    # The VAE is random too, so the reachable MSE+EA-DISTS has a floor well above zero.
+    # The VAE is random too, so the reachable MSE+EA-DISTS has a floor well above zero (measured:
+    # the last 5 steps' mean at 0.827 / 0.790 / 0.773 of the first after 15 / 25 / 40 steps).
     cfg = load_config(write_config(tmp_path, tiny_setup, optim={"lr_generator": 5e-3, "lr_discriminator": 1e-3},
                                    loss={"pretrained_vgg": False, "lambda_gan": 0.05}))
     trainer = Trainer(cfg)
     hr = fixed_batch(3)
     gap_before = _low_t_logit_gap(trainer, hr)
-    rows = [trainer.train_step([hr]) for _ in range(40)]
+    rows = [trainer.train_step([hr]) for _ in range(25)]
     start = rows[0]["loss_mse"] + rows[0]["loss_perceptual"]          # the untrained generator
     end = sum(r["loss_mse"] + r["loss_perceptual"] for r in rows[-5:]) / 5
     assert end < 0.85 * start, f"MSE+EA-DISTS {start:.4f} -> {end:.4f}"
