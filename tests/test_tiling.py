@@ -220,10 +220,16 @@ def oom_above(monkeypatch, max_latent_pixels: int, cpu: bool = False) -> list[tu
     return seen
 
 
+@pytest.fixture(scope="module")
+def tiled_at_32_px(d3sr) -> torch.Tensor:
+    """smooth_image(24, 32) x4 with AdaIN in 32 px tiles: what the out-of-memory fallback must give."""
+    return tiling.upscale_tiled(d3sr, smooth_image(24, 32), 4.0, "adain", tile=32)
+
+
 @pytest.mark.parametrize("cpu", [False, True], ids=["comfy_oom", "cpu_allocator"])
-def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, monkeypatch, caplog, cpu):
+def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, tiled_at_32_px, monkeypatch, caplog, cpu):
     image = smooth_image(24, 32)                           # -> 96 x 128, latent 12 x 16
-    expected = tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=32)
+    expected = tiled_at_32_px
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
     seen = oom_above(monkeypatch, 4 * 4, cpu)              # only 32 px tiles fit
     with caplog.at_level(logging.WARNING):
