@@ -213,7 +213,7 @@ def server(models_dir, sd2_clip_file, tmp_path_factory):
     comfyui-frontend-package is installed, the web page; over models_dir with tiny-sd2-clip (the
     OSEDiff workflow's checkpoint) and a second models folder, server.extra_models (checkpoints/,
     d3sr/, empty at first), where the browser tests link tiny models under the templates' own
-    file names. test_server_e2e.py and test_browser_ui.py share it: one server start
+    file names and remove when done. test_server_e2e.py and test_browser_ui.py share it: one server start
     (pytest_xdist_make_scheduler keeps the two files on one worker)."""
     work = tmp_path_factory.mktemp("server")
     extra = work / "extra_models"

@@ -54,7 +54,8 @@ def _template(name: str) -> dict:
 def ui(server, models_dir):
     """The session's ComfyUI server (conftest: with the frontend, and server.extra_models, a
     models folder first without the templates' files, then holding links to the tiny models
-    under their names, tiny-sd2-clip among them), and its page open in Chromium."""
+    under their names, tiny-sd2-clip among them, and empty again afterwards: the API tests on
+    the same server see the models folders they were written for), and its page open in Chromium."""
     binary = find_chromium()
     if binary is None:
         if os.environ.get("D3SR_REQUIRE_BROWSER"):
@@ -69,6 +70,7 @@ def ui(server, models_dir):
         version = chromium_version(binary)
         (ARTIFACTS / "browser.txt").write_text(f"{version}\npage ready in {time.monotonic() - started:.1f} s\n")
         yield session
+        _models_in_place(session, present=False)
         (ARTIFACTS / "page_errors.txt").write_text("\n".join(session.browser.console) + "\n")
 
 

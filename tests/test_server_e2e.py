@@ -37,16 +37,6 @@ UPSCALE = "D3SR Upscale x4"
 
 
 @pytest.fixture(scope="module")
-def server(server):
-    """The session's server (conftest) with none of the templates' own model files: the browser
-    tests, which share it, link them into server.extra_models; these tests need them absent."""
-    for path in server.extra_models.rglob("*"):
-        if path.is_symlink():
-            path.unlink()
-    return server
-
-
-@pytest.fixture(scope="module")
 def object_info(server):
     return server.get("/object_info")
 
