@@ -11,7 +11,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def poll_delays(longest: float = 0.1) -> Iterator[float]:
+    """Seconds to sleep between polls: 20 ms at first, growing by half each time up to `longest`
+    (a short wait is seen at once, a long one costs few requests)."""
+    delay = 0.02
+    while True:
+        yield delay
+        delay = min(longest, delay * 1.5)
 
 
 def free_port() -> int:
@@ -66,7 +76,7 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + timeout
+        deadline, delays = time.time() + timeout, poll_delays()
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()}")
@@ -74,7 +84,7 @@ class ComfyServer:
                 self.get("/system_stats")
                 return
             except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
+                time.sleep(next(delays))
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
 
     def stop(self) -> None:
@@ -109,12 +119,12 @@ class ComfyServer:
         if status != 200:
             raise AssertionError(f"/prompt refused the graph ({status}): {json.dumps(body)[:2000]}")
         prompt_id = body["prompt_id"]
-        deadline = time.time() + timeout
+        deadline, delays = time.time() + timeout, poll_delays()
         while time.time() < deadline:
             hist = self.get(f"/history/{prompt_id}")
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
                     return entry
-            time.sleep(0.5)
+            time.sleep(next(delays))
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s\n{self.log()}")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chromium_cdp import CDPError, Chromium
-from comfy_server import ComfyServer
+from comfy_server import ComfyServer, poll_delays
 
 from d3sr_core.atomic_file import atomic_path
 
@@ -171,13 +171,13 @@ class ComfyPage:
 
     def wait_for_run(self, prompt_id: str, timeout: float = 180.0) -> dict:
         """The /history entry of `prompt_id` once it finished (success or error)."""
-        deadline = time.monotonic() + timeout
+        deadline, delays = time.monotonic() + timeout, poll_delays()
         while time.monotonic() < deadline:
             hist = self.server.get(f"/history/{prompt_id}")
             entry = hist.get(prompt_id)
             if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
                 return entry
-            time.sleep(0.3)
+            time.sleep(next(delays))
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s\n{self.server.log()}")
 
     def shown_outputs(self, node_id: int, timeout: float = 20.0) -> list[dict]:

@@ -43,7 +43,7 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, to_group):
     log = tmp_path / "out" / "log.jsonl"
     deadline = time.time() + 240
     while _rows(log) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert proc.poll() is None, proc.stdout.read()
     if to_group:
         os.killpg(proc.pid, signal.SIGTERM)
