@@ -49,10 +49,12 @@ def _hf_tokenizer():
                                          pad_token="!")
 
 
+@functools.lru_cache(maxsize=8)
 def literal_embedding(clip, text: str) -> torch.Tensor:
     """OSEDiff's prompt encoding: `tokenizer(text, max_length=77, padding="max_length",
     truncation=True)` with transformers' CLIPTokenizer on the CLIP vocabulary and SD2.1's pad
-    token "!", then the text encoder (ComfyUI's SD2 encoder, fed the ids as they are)."""
+    token "!", then the text encoder (ComfyUI's SD2 encoder, fed the ids as they are). Computed
+    once per (CLIP, text): a 354 M-parameter encoder run; callers must not change the tensor."""
     ids = _hf_tokenizer()(text, max_length=77, padding="max_length", truncation=True)["input_ids"]
     return clip.encode_from_tokens({"h": [[(t, 1.0) for t in ids]]}).float()
 
