@@ -222,23 +222,23 @@ def oom_above(monkeypatch, max_latent_pixels: int, cpu: bool = False) -> list[tu
 
 @pytest.fixture(scope="module")
 def tiled_at_32_px(d3sr) -> torch.Tensor:
-    """smooth_image(24, 32) x4 with AdaIN in 32 px tiles: what the out-of-memory fallback must give."""
-    return tiling.upscale_tiled(d3sr, smooth_image(24, 32), 4.0, "adain", tile=32)
+    """smooth_image(20, 24) x4 with AdaIN in 32 px tiles: what the out-of-memory fallback must give."""
+    return tiling.upscale_tiled(d3sr, smooth_image(20, 24), 4.0, "adain", tile=32)
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["comfy_oom", "cpu_allocator"])
 def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, tiled_at_32_px, monkeypatch, caplog, cpu):
-    image = smooth_image(24, 32)                           # -> 96 x 128, latent 12 x 16
+    image = smooth_image(20, 24)                           # -> 80 x 96, latent 10 x 12
     expected = tiled_at_32_px
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
     seen = oom_above(monkeypatch, 4 * 4, cpu)              # only 32 px tiles fit
     with caplog.at_level(logging.WARNING):
         out = upscale(d3sr, image, 4.0, "adain")
-    assert seen[0] == (12, 16) and (8, 8) in seen and seen[-1] == (4, 4)   # whole, 64 px, 32 px
-    assert out.shape == (1, 96, 128, 3)
+    assert seen[0] == (10, 12) and (6, 6) in seen and seen[-1] == (4, 4)   # whole, 48 px (half), 32 px
+    assert out.shape == (1, 80, 96, 3)
     assert (out - expected).abs().max().item() < 1e-6
     text = caplog.text
-    assert "out of memory upscaling 32x24 to 128x96 in one piece" in text
+    assert "out of memory upscaling 24x20 to 96x80 in one piece" in text
     assert "retrying image 1 of 1 with 32 px tiles" in text
 
 
