@@ -44,9 +44,9 @@ def object_info(server):
 @pytest.fixture(scope="module")
 def lr_image(server) -> tuple[int, int]:
     rng = np.random.default_rng(0)
-    img = (rng.random((21, 30, 3)) * 255).astype(np.uint8)
+    img = (rng.random((11, 15, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(server.input_dir / TEST_FILES["image"])
-    return 21, 30
+    return 11, 15
 
 
 def _options(object_info: dict, node: str, name: str) -> list:
