@@ -120,9 +120,9 @@ def test_prompt_is_read_literally(sd2_clip):
 
 
 @pytest.mark.parametrize("size,method", [((16, 16), "adain"),     # 64 x 64: a multiple of 64
-                                         ((13, 19), "adain"),     # 52 x 76 -> Lanczos to 48 x 72
+                                         ((7, 11), "adain"),      # 28 x 44 -> Lanczos to 24 x 40
                                          ((10, 16), "adain"),     # 40 x 64: 8s, one side 64
-                                         ((11, 24), "wavelet"),   # 44 x 96 -> 40 x 96
+                                         ((11, 16), "wavelet"),   # 44 x 64 -> 40 x 64
                                          ((12, 17), "none")])     # 48 x 68 -> 48 x 64
 def test_loader_and_upscale_equal_osediffs_script(script_outputs, pkl_output, size, method):
     """The OSEDiff loader + D3SRUpscale against OSEDiff's test-script steps written independently
