@@ -121,7 +121,7 @@ def test_prompt_is_read_literally(sd2_clip):
 
 @pytest.mark.parametrize("size,method", [((16, 16), "adain"),     # 64 x 64: a multiple of 64
                                          ((7, 11), "adain"),      # 28 x 44 -> Lanczos to 24 x 40
-                                         ((10, 16), "adain"),     # 40 x 64: 8s, one side 64
+                                         ((10, 16), "adain"),     # 40 x 64: multiples of 8, one of 64
                                          ((11, 16), "wavelet"),   # 44 x 64 -> 40 x 64
                                          ((12, 17), "none")])     # 48 x 68 -> 48 x 64
 def test_loader_and_upscale_equal_osediffs_script(script_outputs, pkl_output, size, method):

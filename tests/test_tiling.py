@@ -221,15 +221,16 @@ def oom_above(monkeypatch, max_latent_pixels: int, cpu: bool = False) -> list[tu
 
 
 @pytest.fixture(scope="module")
-def tiled_at_32_px(d3sr) -> torch.Tensor:
-    """smooth_image(20, 24) x4 with AdaIN in 32 px tiles: what the out-of-memory fallback must give."""
-    return tiling.upscale_tiled(d3sr, smooth_image(20, 24), 4.0, "adain", tile=32)
+def oom_case(d3sr) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, its x4 AdaIN upscale in 32 px tiles): the input of the out-of-memory fallback
+    cases and what the fallback must give."""
+    image = smooth_image(20, 24)                           # -> 80 x 96, latent 10 x 12
+    return image, tiling.upscale_tiled(d3sr, image, 4.0, "adain", tile=32)
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["comfy_oom", "cpu_allocator"])
-def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, tiled_at_32_px, monkeypatch, caplog, cpu):
-    image = smooth_image(20, 24)                           # -> 80 x 96, latent 10 x 12
-    expected = tiled_at_32_px
+def test_plain_upscale_falls_back_to_tiles_on_oom(d3sr, oom_case, monkeypatch, caplog, cpu):
+    image, expected = oom_case
     monkeypatch.setattr(tiling, "MIN_TILE", 32)
     seen = oom_above(monkeypatch, 4 * 4, cpu)              # only 32 px tiles fit
     with caplog.at_level(logging.WARNING):
