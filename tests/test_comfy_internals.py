@@ -17,7 +17,6 @@ import pytest
 import torch
 from comfy.cli_args import args
 from comfy.ldm.modules import attention
-from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
 from d3sr_core import comfy_internals as ci
 from d3sr_core import host, pipeline
@@ -100,8 +99,12 @@ def test_prediction_type_names_eps_and_v(tiny_sd2):
                                                                ("v_prediction", False, False, True),
                                                                ("lcm", False, False, False)])
 def test_model_sampling_prediction_and_sigmas(tiny_sd2, sampling, zsnr, epsilon, sd_schedule):
+    # The stock node; imported here: ComfyUI's node modules take 1.6 s to import, which the
+    # pytest worker that does not run this file would spend collecting it.
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
     model, _vae = tiny_sd2
-    patched = ModelSamplingDiscrete().patch(model, sampling, zsnr)[0]   # the stock node
+    patched = ModelSamplingDiscrete().patch(model, sampling, zsnr)[0]
     obj = patched.get_model_object("model_sampling")
     assert ci.sampling_predicts_epsilon(obj) is epsilon
     sigmas = ci.sampling_sigmas(obj)
