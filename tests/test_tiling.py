@@ -153,13 +153,13 @@ def tile_borders(d3sr, out_hw, tile, overlap, vae_tile) -> tuple[set[int], set[i
 
 
 def test_no_seams_on_smooth_input(d3sr, monkeypatch):
-    image = smooth_image(24, 32)                      # -> 96 x 128, 2 x 3 UNet tiles, 2 x 3 VAE tiles
+    image = smooth_image(24, 24)                      # -> 96 x 96, 2 x 2 UNet tiles, 2 x 2 VAE tiles
     args = dict(tile=64, overlap=16, vae_tile=64)
-    rows, cols = tile_borders(d3sr, (96, 128), **args)
+    rows, cols = tile_borders(d3sr, (96, 96), **args)
     out = tiling.upscale_tiled(d3sr, image, 4.0, "none", **args)
     ratios = border_ratio(out, rows, 1), border_ratio(out, cols, 2)
     # A step at tile borders raises the difference there; within 10 % of the interior is seamless
-    # (measured: 0.86 and 0.94; with box weights below, 1.54 and 1.45).
+    # (measured: 0.86 and 0.88; with box weights below, 1.58 and 1.34).
     assert max(ratios) <= 1.10, ratios
     # The measure has teeth: plain averaging of the overlaps (box weights) leaves visible steps.
     monkeypatch.setattr(tiling, "ramp_weights", lambda span, scale=1: torch.ones(span.size * scale))
