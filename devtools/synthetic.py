@@ -40,14 +40,22 @@ TINY_SDXL_UNET_CONFIG = dict(
     channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
 
 
-def _scale_(noise: torch.Tensor, name: str, p: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) draws `noise` for parameter `name` (shape of `p`) -> weights N(0, 1/fan_in),
-    norm weights ~ 1, biases and the rest small; in place."""
+def _scale_kind(name: str, p: torch.Tensor) -> int | str:
+    """How seeded values for parameter `name` are scaled: its fan-in (a weight matrix or kernel),
+    "norm" (a norm's weight) or "small" (biases and the rest)."""
     if p.ndim >= 2:
-        return noise.div_(math.sqrt(p[0].numel()))
-    if "norm" in name and name.endswith("weight"):
+        return p[0].numel()
+    return "norm" if "norm" in name and name.endswith("weight") else "small"
+
+
+def _scale_(noise: torch.Tensor, kind: int | str) -> torch.Tensor:
+    """N(0, 1) draws `noise` -> weights N(0, 1/fan_in), norm weights ~ 1, biases and the rest
+    small (`kind` from _scale_kind); in place."""
+    if kind == "norm":
         return noise.mul_(0.1).add_(1.0)
-    return noise.mul_(0.02)
+    if kind == "small":
+        return noise.mul_(0.02)
+    return noise.div_(math.sqrt(kind))
 
 
 def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -58,7 +66,7 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
             # In place for float32 parameters (no temporary of the size of the model's largest
             # layer); the same draws and the same float32 arithmetic as a fresh randn tensor.
             noise = p if p.dtype == torch.float32 and p.is_contiguous() else torch.empty(p.shape)
-            _scale_(noise.normal_(generator=gen), name, p)
+            _scale_(noise.normal_(generator=gen), _scale_kind(name, p))
             if noise is not p:
                 p.copy_(noise)
     return module
@@ -80,10 +88,10 @@ def pooled_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in module.named_parameters():
             start = int(torch.randint(POOL_DRAWS, (1,), generator=gen))
-            key = (p.ndim >= 2 and p[0].numel(), "norm" in name and name.endswith("weight"), p.dtype)
-            if key not in scaled:
-                scaled[key] = _scale_(pool.clone(), name, p).to(p.dtype)
-            src, flat, done = scaled[key], p.view(-1), 0
+            kind = _scale_kind(name, p)
+            if (kind, p.dtype) not in scaled:
+                scaled[kind, p.dtype] = _scale_(pool.clone(), kind).to(p.dtype)
+            src, flat, done = scaled[kind, p.dtype], p.view(-1), 0
             while done < flat.numel():
                 take = min(flat.numel() - done, POOL_DRAWS - start)
                 flat[done:done + take] = src[start:start + take]
