@@ -1,4 +1,6 @@
-"""The trainer as separate processes: SIGTERM mid-run, and torchrun with 2 CPU ranks (gloo)."""
+"""The trainer as separate processes: SIGTERM mid-run and while the models load (processes forked
+from one that imported the trainer: tests/trainer_process.py), and torchrun with 2 CPU ranks
+(gloo, new interpreters)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_training_loop import write_config
+from trainer_process import start_trainer
 
 from d3sr_core.weight_format import read_weights
 from training.checkpoint import list_checkpoints, load_checkpoint
@@ -30,27 +32,51 @@ def _rows(path: Path) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def start():
+    """trainer_process.start_trainer; a run still alive when the test ends is killed."""
+    started = []
+
+    def start_(*args, **kwargs):
+        started.append(start_trainer(*args, **kwargs))
+        return started[-1]
+    yield start_
+    for proc in started:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _wait_for(done, proc, timeout: float) -> None:
+    """Poll `done()` every 0.1 s while `proc` runs, for at most `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not done() and proc.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("to_group", [False, True], ids=["process", "process_group_with_data_worker"])
-def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, to_group):
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, start, to_group):
     # to_group: a scheduler (or Ctrl-C in a terminal) signals every process of the job, the
     # DataLoader worker included; the worker must keep serving so the main process can checkpoint.
     config = write_config(tmp_path, tiny_setup, train={"steps": 10_000},
                           data={"num_workers": 1 if to_group else 0},
                           log={"checkpoint_every": 10_000, "every": 1, "progress": False})
-    proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    output = tmp_path / "output.txt"
+    proc = start(["--config", config], output, new_session=True)
     log = tmp_path / "out" / "log.jsonl"
-    deadline = time.time() + 240
-    while _rows(log) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stdout.read()
+    _wait_for(lambda: _rows(log) >= 1, proc, 240)
+    assert proc.is_alive(), _text(output)
     if to_group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
+        os.kill(proc.pid, signal.SIGTERM)
+    proc.join(240)
+    out = output.read_text()
+    assert proc.exitcode == 0, out
     assert "stopped by signal" in out
     folder = tmp_path / "out" / "checkpoints"
     found = list_checkpoints(str(folder))
@@ -64,26 +90,22 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, to_group):
     assert not [p for p in os.listdir(folder) if p.startswith(".tmp-")]
 
 
-def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, tiny_setup):
+def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, tiny_setup, start):
     # Before the first step there is nothing to save: SIGTERM (as from a scheduler) ends the run
     # right away with a message (it used to be held back until a first step and checkpoint).
     config = write_config(tmp_path, tiny_setup, train={"steps": 10_000}, log={"progress": False})
-    proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", config], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    watchdog = threading.Timer(300, proc.kill)      # the marker never comes: fail, do not hang
-    watchdog.start()
-    for line in proc.stdout:           # wait until the checks passed and the models start loading
-        seen.append(line)
-        if "loading the models" in line:
-            break
-    watchdog.cancel()
-    assert proc.poll() is None and "loading the models" in "".join(seen[-1:]), "".join(seen)
+    output = tmp_path / "output.txt"
+    proc = start(["--config", config], output)
+    # Wait until the checks passed and the models start loading (the marker never comes: fail).
+    _wait_for(lambda: "loading the models" in _text(output), proc, 300)
+    seen = _text(output)
+    assert proc.is_alive() and "loading the models" in seen, seen
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(240)
     elapsed = time.time() - sent
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + out
+    out = output.read_text()
+    assert proc.exitcode == 128 + signal.SIGTERM, out
     assert "error: stopped by SIGTERM before the first training step (no checkpoint was written)" in out
     assert elapsed < 60, elapsed       # at once: not after loading the models and a training step
     assert list_checkpoints(str(tmp_path / "out" / "checkpoints")) == []
