@@ -25,9 +25,10 @@ _NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     """Yield a temporary path in `path`'s folder (created if missing) to write to; on success
-    it is fsynced and renamed to `path`, on any exception it is removed."""
+    it is fsynced and renamed to `path`, on any exception it is removed. `durable=False` skips
+    the fsync (still atomic; for files made again on every run, such as generated test models)."""
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
@@ -35,8 +36,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else _NEW_FILE_MODE
         os.chmod(tmp, mode)
         os.replace(tmp, path)

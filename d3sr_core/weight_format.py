@@ -321,7 +321,8 @@ def write_weights(path: str, weights: D3SRWeights) -> None:
     atomic_save_safetensors(path, tensors, meta)
 
 
-def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """save_file through atomic_path: readers never see half a file."""
-    with atomic_path(path) as tmp:
+def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                            durable: bool = True) -> None:
+    """save_file through atomic_path: readers never see half a file (`durable`: see atomic_path)."""
+    with atomic_path(path, durable) as tmp:
         save_file(tensors, tmp, metadata=metadata)

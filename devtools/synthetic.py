@@ -4,7 +4,8 @@ detect them (SD2.x: model_channels 320, context 1024, linear transformer proj) a
 files made for them load exactly like real ones. Their outputs are not meaningful images.
 
 Development scaffolding: nothing the nodes or the trainer run imports this module. ComfyUI must
-be importable first (`d3sr_core.host.import_comfy()`).
+be importable first (`d3sr_core.host.import_comfy()`). Checkpoints are written atomically but
+not fsynced: they are made again on every run.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def write_checkpoint(path: str, unet_config: dict = TINY_SD2_UNET_CONFIG, seed: 
     if text_encoder:
         sd.update(sd2_text_encoder_tensors(seed + 2))
     sd.update(extra_tensors or {})
-    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {}, durable=False)
     return path
 
 
@@ -161,7 +162,7 @@ def add_sd2_text_encoder(src: str, path: str, seed: int = 0) -> str:
     from safetensors.torch import load_file
     sd = load_file(src)
     sd.update(sd2_text_encoder_tensors(seed + 2))
-    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {})
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in sd.items()}, {}, durable=False)
     return path
 
 

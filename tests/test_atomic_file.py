@@ -46,3 +46,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("disk full")
     assert target.read_text() == "precious"
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_fsync_unless_told_the_file_is_made_again_anyway(tmp_path, monkeypatch, durable):
+    # durable=False (generated test models): still atomic, without the fsync (1.9 s for 1.6 GB).
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    with atomic_path(tmp_path / "m.bin", durable=durable) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"weights")
+    assert (tmp_path / "m.bin").read_bytes() == b"weights" and os.listdir(tmp_path) == ["m.bin"]
+    assert len(synced) == (1 if durable else 0)
