@@ -1,4 +1,10 @@
-"""`torchrun -m d3sr_core`: the CLI with 2 CPU ranks (gloo) against a single-process run."""
+"""`torchrun -m d3sr_core`: the CLI with 2 CPU ranks (gloo) against a single-process run.
+
+One torchrun job serves both tests (each launch starts three new interpreters: torchrun and two
+ranks): a job that was stopped before, so some outputs exist, with new inputs for both ranks and
+an unreadable one. The tests read its outputs for what they check: every new output written once,
+by the rank that owns its input, equal to the single process's; the finished ones kept, untouched.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,14 @@ from PIL import Image
 from test_cli import main_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-# Sorted: a.png b.jpg bad.png c.jpg c.png -> rank 0 gets a, bad, c.png; rank 1 gets b, c.jpg.
-# c.jpg and c.png share a stem and sit on different ranks: their names (c_jpg.png, c_png.png)
-# must come from the whole list, as in a single process.
-INPUTS = ["a.png", "b.jpg", "bad.png", "c.jpg", "c.png"]
-OUTPUTS = {"a.png": "a.png", "b.jpg": "b.png", "c.jpg": "c_jpg.png", "c.png": "c_png.png"}
+# Sorted: a.png b.jpg bad.png c.jpg c.png d.png e.png -> rank 0 gets a, bad, c.png, e; rank 1
+# gets b, c.jpg, d. c.jpg and c.png share a stem and sit on different ranks: their names
+# (c_jpg.png, c_png.png) must come from the whole list, as in a single process.
+INPUTS = ["a.png", "b.jpg", "bad.png", "c.jpg", "c.png", "d.png", "e.png"]
+OUTPUTS = {"a.png": "a.png", "b.jpg": "b.png", "c.jpg": "c_jpg.png", "c.png": "c_png.png", "d.png": "d.png",
+           "e.png": "e.png"}
+# Finished before the job was stopped (one per rank: d on rank 1, e on rank 0).
+DONE = ["d.png", "e.png"]
 
 
 def run_torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
@@ -68,10 +77,23 @@ def job(models_dir, tmp_path_factory):
                 "--input", str(src), "--output", str(out), "--factor", "2", "--cpu", "--verbose"]
 
     r = single_process(args(root / "single"))
-    assert r.returncode == 1 and "wrote 4 image(s)" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 1 and "wrote 6 image(s)" in r.stdout, r.stderr[-3000:]
     reference = {p.name: p.read_bytes() for p in (root / "single").iterdir()}
     assert sorted(reference) == sorted(OUTPUTS.values())
     return root, args, reference
+
+
+@pytest.fixture(scope="module")
+def two_ranks(job):
+    """The stopped job resumed under torchrun with 2 ranks: (its result, the output folder,
+    os.stat of the outputs that existed before)."""
+    root, args, reference = job
+    out = root / "two"
+    out.mkdir()
+    for name in DONE:
+        (out / name).write_bytes(reference[name])
+    before = {name: os.stat(out / name) for name in DONE}
+    return run_torchrun(args(out)), out, before
 
 
 def expected_rank(output_name: str) -> int:
@@ -79,37 +101,31 @@ def expected_rank(output_name: str) -> int:
     return INPUTS.index(source) % 2
 
 
-def test_two_ranks_equal_a_single_process_each_file_once(job):
-    root, args, reference = job
-    out = root / "two"
-    r = run_torchrun(args(out))
+def test_two_ranks_equal_a_single_process_each_file_once(job, two_ranks):
+    _root, _args, reference = job
+    r, out, _before = two_ranks
     assert r.returncode != 0, r.stdout[-2000:]   # bad.png failed: the job fails
     assert "wrote 4 image(s)" in r.stdout and "(per rank: 2, 2)" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     assert "skipped 1 unreadable" in r.stdout
     assert "error: 1 image(s) could not be read and were skipped:" in r.stderr
     assert re.search(r"^  cannot read image .*bad\.png", r.stderr, re.M), r.stderr[-3000:]
-    # Every output written exactly once, by the rank that owns its input (index % 2).
+    # Every new output written exactly once, by the rank that owns its input (index % 2).
     writes = written_by_rank(r.stdout)
-    assert sorted(writes.items()) == sorted(((expected_rank(n), n), 1) for n in OUTPUTS.values())
+    assert sorted(writes.items()) == sorted(((expected_rank(n), n), 1) for n in OUTPUTS.values() if n not in DONE)
     # The union of the ranks' outputs is the single-process run, byte for byte; no temporaries.
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference
 
 
-def test_stopped_job_resumes(job):
-    root, args, reference = job
-    out = root / "resumed"
-    out.mkdir()
-    # What a stopped job leaves: some outputs finished (one per rank), the others not.
-    done = ["a.png", "c_jpg.png"]
-    for name in done:
-        (out / name).write_bytes(reference[name])
-    before = {name: os.stat(out / name) for name in done}
-    r = run_torchrun(args(out))
-    assert r.returncode != 0 and "wrote 2 image(s)" in r.stdout and "kept 2 existing" in r.stdout, \
-        r.stdout[-2000:] + r.stderr[-3000:]
+def test_stopped_job_resumes(job, two_ranks):
+    _root, _args, reference = job
+    r, out, before = two_ranks
+    assert "kept 2 existing" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    # Each rank resumed its own share: the finished outputs (one per rank) are neither
+    # written again nor touched; the others are written by their owners.
     writes = written_by_rank(r.stdout)
-    assert sorted(writes.items()) == [((0, "c_png.png"), 1), ((1, "b.png"), 1)]
-    for name in done:   # not rewritten
+    assert {rank for rank, _ in writes} == {0, 1}
+    assert not [n for _, n in writes if n in DONE]
+    for name in DONE:
         st = os.stat(out / name)
         assert (st.st_ino, st.st_mtime_ns) == (before[name].st_ino, before[name].st_mtime_ns)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference
