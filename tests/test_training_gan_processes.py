@@ -75,7 +75,7 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, tiny_setup, start, to_gr
     else:
         os.kill(proc.pid, signal.SIGTERM)
     proc.join(240)
-    out = output.read_text()
+    out = _text(output)
     assert proc.exitcode == 0, out
     assert "stopped by signal" in out
     folder = tmp_path / "out" / "checkpoints"
@@ -104,7 +104,7 @@ def test_a_stop_signal_while_the_models_load_stops_at_once(tmp_path, tiny_setup,
     os.kill(proc.pid, signal.SIGTERM)
     proc.join(240)
     elapsed = time.time() - sent
-    out = output.read_text()
+    out = _text(output)
     assert proc.exitcode == 128 + signal.SIGTERM, out
     assert "error: stopped by SIGTERM before the first training step (no checkpoint was written)" in out
     assert elapsed < 60, elapsed       # at once: not after loading the models and a training step
