@@ -253,6 +253,29 @@ def test_a_stop_signal_before_the_loop_raises_at_once_and_after_it_is_deferred()
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_stop_signal_a_library_turned_into_its_own_error_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    # SIGTERM while safetensors reads a checkpoint: the handler's StopRequested, raised inside the
+    # reader, came out as "ValueError: could not determine the shape of object type ..." (exit 1,
+    # a traceback). The CLI reports the stop (exit 128 + 15) however the library wrapped it...
+    import training.train as cli
+
+    def reader_that_wraps_errors(*_args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)                                   # the handler interrupts this
+        except BaseException:
+            raise ValueError("could not determine the shape of object type") from None
+    monkeypatch.setattr(cli, "_run", reader_that_wraps_errors)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--config", _config(tmp_path)]) == 128 + signal.SIGTERM
+    assert "error: stopped by SIGTERM before the first training step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    # ...and an error no signal caused is still raised as it is.
+    monkeypatch.setattr(cli, "_run", lambda *_args: int("not a number"))
+    with pytest.raises(ValueError, match="invalid literal"):
+        main(["--config", _config(tmp_path)])
+
+
 def test_files_not_in_torchs_format_are_corrupt_and_never_unpickled(tmp_path):
     path = tmp_path / "step-0000001.pt"
     for content in (b"not a checkpoint at all", pickle.dumps({"step": 1}),

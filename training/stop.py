@@ -31,6 +31,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferred = False
+        self._raised = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def defer(self) -> None:
@@ -44,6 +45,17 @@ class StopSignal:
             raise StopRequested(self.signum)
         self.defer()
 
+    def stop_request(self, error: BaseException) -> StopRequested | None:
+        """The stop behind `error`, which ended the run before its first step: `error` itself, or,
+        when a handler raised StopRequested inside a library that turned it into an error of its
+        own (safetensors' reader gives a ValueError), a StopRequested for that signal. None for an
+        error no stop signal caused."""
+        if isinstance(error, StopRequested):
+            return error
+        if self._raised and isinstance(error, Exception):
+            return StopRequested(self.signum)
+        return None
+
     def restore(self) -> None:
         """Put the previous handlers back."""
         for sig, handler in self._previous.items():
@@ -52,6 +64,7 @@ class StopSignal:
     def _handle(self, signum, _frame) -> None:
         first, self.signum = self.signum is None, signum
         if not self.deferred:
+            self._raised = True
             raise StopRequested(signum)
         if first:
             log.warning("received %s: finishing this step, then writing a checkpoint",

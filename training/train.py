@@ -25,7 +25,7 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .distributed import select_device
 from .model_files import ModelFileError
-from .stop import StopRequested, StopSignal
+from .stop import StopSignal
 
 log = logging.getLogger("d3sr.train")
 USER_ERRORS = (ConfigError, DataError, ModelFileError, CheckpointError)
@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()  # Ctrl-C / SIGTERM while ComfyUI and the models load: stop at once
     try:
         return _run(args, stop)
-    except StopRequested as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum
+    except BaseException as e:
+        stopped = stop.stop_request(e)
+        if stopped is None:
+            raise
+        print(f"error: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     finally:
         stop.restore()
 
