@@ -38,6 +38,10 @@ _CONTEXT.set_forkserver_preload([__name__])
 def _run_module(argv: list[str], output: str, new_session: bool) -> None:
     if new_session:
         os.setsid()
+    # The child inherits the start method "forkserver" from the process that asked for it; a
+    # new interpreter has Linux's default ("fork"), with which the trainer's DataLoader workers
+    # fork from the run (else each would come from a second forkserver the run starts itself).
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(ROOT)
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
