@@ -18,7 +18,7 @@ from test_training_loop import RunsCode, hold_run_lock, write_config
 
 from training import checkpoint
 from training.config import ConfigError, load_config
-from training.data import list_images
+from training.data import DataError, list_images
 from training.run_dir import LOCK_NAME, OutputDirBusyError, RunLock
 from training.stop import StopRequested, StopSignal
 from training.train import main
@@ -253,24 +253,39 @@ def test_a_stop_signal_before_the_loop_raises_at_once_and_after_it_is_deferred()
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_a_stop_signal_a_library_turned_into_its_own_error_still_stops_the_run(tmp_path, monkeypatch, capsys):
-    # SIGTERM while safetensors reads a checkpoint: the handler's StopRequested, raised inside the
-    # reader, came out as "ValueError: could not determine the shape of object type ..." (exit 1,
-    # a traceback). The CLI reports the stop (exit 128 + 15) however the library wrapped it...
-    import training.train as cli
-
-    def reader_that_wraps_errors(*_args):
+def _signal_then(error: Exception):
+    """A call that receives SIGTERM and, as a library or reader might, turns the handler's
+    exception into `error`."""
+    def call(*_args):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)                                   # the handler interrupts this
         except BaseException:
-            raise ValueError("could not determine the shape of object type") from None
-    monkeypatch.setattr(cli, "_run", reader_that_wraps_errors)
+            raise error from None
+    return call
+
+
+def test_a_stop_signal_a_library_turned_into_its_own_error_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    # SIGTERM while safetensors reads a checkpoint: the handler's StopRequested, raised inside the
+    # reader, came out as "ValueError: could not determine the shape of object type ..." (exit 1,
+    # a traceback). The CLI reports the stop (exit 128 + 15) however it was wrapped: as another
+    # error, or as one of the run's own (exit 2 otherwise: an image cut off by the signal while it
+    # was read looks unreadable)...
+    import training.train as cli
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["--config", _config(tmp_path)]) == 128 + signal.SIGTERM
-    assert "error: stopped by SIGTERM before the first training step" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is before
-    # ...and an error no signal caused is still raised as it is.
+    for where, error in (("_run", ValueError("could not determine the shape of object type")),
+                         ("load_config", DataError("cannot read image 'a.png'"))):
+        with monkeypatch.context() as patch:
+            patch.setattr(cli, where, _signal_then(error))
+            assert main(["--config", _config(tmp_path)]) == 128 + signal.SIGTERM, where
+        assert "error: stopped by SIGTERM before the first training step" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is before
+    # ...and an error no signal caused is still reported, or raised, as it is.
+    def unreadable(*_args):
+        raise DataError("cannot read image 'a.png'")
+    monkeypatch.setattr(cli, "load_config", unreadable)
+    assert main(["--config", _config(tmp_path)]) == 2
+    assert "error: cannot read image 'a.png'" in capsys.readouterr().err
     monkeypatch.setattr(cli, "_run", lambda *_args: int("not a number"))
     with pytest.raises(ValueError, match="invalid literal"):
         main(["--config", _config(tmp_path)])

@@ -87,6 +87,8 @@ def _run(args: argparse.Namespace, stop: StopSignal) -> int:
         torch.manual_seed(cfg.seed)
         return train(cfg, args.resume, stop)
     except USER_ERRORS as e:
+        if stop.stop_request(e) is not None:
+            raise               # a stop signal made this error: main reports the stop
         print(f"error: {e}", file=sys.stderr)
         return 2
 
