@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from workflow_check import ALLOWED_SOURCES, ALLOWED_SUFFIXES, note_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,14 +144,28 @@ def test_template_loads_with_everything_explained(ui, name):
         assert width >= need, f"'{title}' needs {need:.0f} px, the node is {width:.0f}"
 
 
+def _small_image(ui) -> str:
+    """A 32 x 32 crop of the example image in the server's input folder; its file name."""
+    name = "d3sr_test_32.png"
+    if not (ui.server.input_dir / name).exists():
+        with Image.open(ROOT / "workflows" / EXAMPLE_IMAGE) as im:
+            im.crop((0, 0, 32, 32)).save(ui.server.input_dir / name)
+    return name
+
+
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_runs_from_the_page(ui, name):
     _models_in_place(ui, present=True)
     loaded = ui.load_template(name)
     assert not loaded["missingNodes"]
-    # x1 keeps the CPU run short (the shipped x4 makes 512 px); all else runs as shipped
-    ui.js("(() => { for (const n of app.graph.nodes) for (const w of n.widgets || [])"
-          " if (w.name === 'upscale_by') { w.value = 1; w.callback?.(1) } return 1 })()")
+    # x1 keeps the CPU run short (the shipped x4 makes 512 px), and so does, after the first
+    # template, a 32-px crop of the example image (that each template's Load Image finds the
+    # example is test_template_loads_with_everything_explained's check); all else runs as shipped
+    image = json.dumps(EXAMPLE_IMAGE if name == TEMPLATES[0] else _small_image(ui))
+    ui.js("(() => { for (const n of app.graph.nodes) for (const w of n.widgets || []) {"
+          " if (w.name === 'upscale_by') { w.value = 1; w.callback?.(1) }"
+          f" if (n.type === 'LoadImage' && w.name === 'image') {{ w.value = {image}; w.callback?.({image}) }} }}"
+          " return 1 })()")
     answer = ui.queue()
     assert "error" not in answer and not answer.get("node_errors"), answer
     ui.js("app.canvas.pause_rendering = true; 1")  # no redraws while the CPU runs the graph
@@ -161,7 +176,10 @@ def test_template_runs_from_the_page(ui, name):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     save_id = next(str(n["id"]) for n in _template(name)["nodes"] if n["type"] == "SaveImage")
     saved = entry["outputs"][save_id]["images"]
-    assert saved and (ui.server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
+    path = ui.server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    side = EXAMPLE_SIZE if name == TEMPLATES[0] else 32      # x1 of the image it was given
+    with Image.open(path) as out:
+        assert out.size == (side, side)
     shown = ui.shown_outputs(int(save_id))
     assert shown[0]["filename"] == saved[0]["filename"]
     if name == TEMPLATES[0]:
