@@ -62,11 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, stop)
     except BaseException as e:
+        # A stop signal first: a library may have turned it into any error, a user error too.
         stopped = stop.stop_request(e)
-        if stopped is None:
+        if stopped is not None:
+            print(f"error: {stopped}", file=sys.stderr)
+            return 128 + stopped.signum
+        if not isinstance(e, USER_ERRORS):
             raise
-        print(f"error: {stopped}", file=sys.stderr)
-        return 128 + stopped.signum
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         stop.restore()
 
@@ -77,20 +81,14 @@ def _run(args: argparse.Namespace, stop: StopSignal) -> int:
         overrides["output_dir"] = args.output_dir
     if args.steps is not None:
         overrides["train"] = {"steps": args.steps}
-    try:
-        cfg = load_config(args.config, overrides)
-        device = select_device(cfg)
-        host.import_comfy(cpu=device.type == "cpu")
-        # ComfyUI reads its device options when comfy.model_management is first imported, which
-        # the trainer's modules do at import: so they are imported once the device is known.
-        from .loop import train
-        torch.manual_seed(cfg.seed)
-        return train(cfg, args.resume, stop)
-    except USER_ERRORS as e:
-        if stop.stop_request(e) is not None:
-            raise               # a stop signal made this error: main reports the stop
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    device = select_device(cfg)
+    host.import_comfy(cpu=device.type == "cpu")
+    # ComfyUI reads its device options when comfy.model_management is first imported, which
+    # the trainer's modules do at import: so they are imported once the device is known.
+    from .loop import train
+    torch.manual_seed(cfg.seed)
+    return train(cfg, args.resume, stop)
 
 
 if __name__ == "__main__":
