@@ -49,7 +49,7 @@ def _hf_tokenizer():
                                          pad_token="!")
 
 
-def literal_tokens(text: str) -> dict:
+def script_tokens(text: str) -> dict:
     """OSEDiff's tokenization: `tokenizer(text, max_length=77, padding="max_length",
     truncation=True)` with transformers' CLIPTokenizer on the CLIP vocabulary and SD2.1's pad
     token "!", as ComfyUI's SD2 token dict (every weight 1)."""
@@ -59,10 +59,10 @@ def literal_tokens(text: str) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def literal_embedding(clip, text: str) -> torch.Tensor:
-    """OSEDiff's prompt encoding: literal_tokens(text) through the text encoder (ComfyUI's SD2
+    """OSEDiff's prompt encoding: script_tokens(text) through the text encoder (ComfyUI's SD2
     encoder, fed the ids as they are). Computed once per (CLIP, text): a 354 M-parameter encoder
     run (2 s on one core); callers must not change the tensor."""
-    return clip.encode_from_tokens(literal_tokens(text)).float()
+    return clip.encode_from_tokens(script_tokens(text)).float()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_prompt_is_read_literally(sd2_clip):
     embeddings, so one text is encoded; each encoding is 2 s of CPU.)"""
     long = ", ".join(["a very detailed photograph of an old stone building"] * 12)
     for text in (PROMPT, "", "a \\(tall\\) tower (detailed:1.4) embedding:foo", long):
-        assert osediff.literal_tokens(sd2_clip, text) == literal_tokens(text), text
+        assert osediff.literal_tokens(sd2_clip, text) == script_tokens(text), text
     assert torch.equal(osediff.prompt_embedding(sd2_clip, PROMPT), literal_embedding(sd2_clip, PROMPT))
     # ComfyUI's own syntax would have weighted "(tall)": the literal reading matters.
     weighted = sd2_clip.encode_from_tokens(sd2_clip.tokenize(PROMPT)).float()
