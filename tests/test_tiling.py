@@ -108,15 +108,15 @@ def test_one_tile_equals_plain_upscale(d3sr):
 
 
 def test_tiles_on_a_latent_that_is_not_a_multiple_of_the_alignment(d3sr, monkeypatch):
-    """116 x 140 px pads to 120 x 144 (latent 15 x 18; the tiny UNet's alignment is 2): UNet tiles
-    of 32 px start on 16 px steps, the last row of tiles is cut at the latent's edge (3 rows), and
+    """52 x 68 px pads to 56 x 72 (latent 7 x 9; the tiny UNet's alignment is 2): UNet tiles of
+    32 px start on 16 px steps, the last row of tiles is cut at the latent's edge (3 rows), and
     the UNet runs on exactly the grid's tiles. (The VAE runs in one 160 px tile: its tiling has
     tests of its own, and 32 px VAE tiles made this test cost 20 s.)"""
-    plan = tiling.tile_plan(d3sr, (116, 140), 32, 8, 160)
-    assert plan.padded == (120, 144)
+    plan = tiling.tile_plan(d3sr, (52, 68), 32, 8, 160)
+    assert plan.padded == (56, 72)
     grid = plan.unet_grid()
-    assert (grid.h, grid.w) == (15, 18)
-    assert grid.rows[-1].stop == 15 and grid.rows[-1].size == 3
+    assert (grid.h, grid.w) == (7, 9)
+    assert grid.rows[-1].stop == 7 and grid.rows[-1].size == 3
     seen, real = [], pipeline.predict_x0
 
     def spy(base_model, z, *args, **kwargs):
@@ -124,8 +124,8 @@ def test_tiles_on_a_latent_that_is_not_a_multiple_of_the_alignment(d3sr, monkeyp
         return real(base_model, z, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "predict_x0", spy)
-    out = tiling.upscale_tiled(d3sr, smooth_image(29, 35), 4.0, "none", tile=32, overlap=8, vae_tile=160)
-    assert out.shape == (1, 116, 140, 3) and torch.isfinite(out).all()
+    out = tiling.upscale_tiled(d3sr, smooth_image(13, 17), 4.0, "none", tile=32, overlap=8, vae_tile=160)
+    assert out.shape == (1, 52, 68, 3) and torch.isfinite(out).all()
     assert seen == [(r.size, c.size) for r, c in grid]
 
 
