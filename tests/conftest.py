@@ -3,6 +3,7 @@ generated at test time from ComfyUI's own classes with seeded weights."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import sys
@@ -91,6 +92,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order in a file kept
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """gc.freeze(): the ~430 k objects that importing torch, ComfyUI and the tests made live until
+    the end, so the collector's full passes during the run skip them (measured over
+    test_training_options.py: 3.0 -> 1.2 s of collections)."""
+    gc.freeze()
 
 
 def generated_once(tmp_path_factory, name: str, make: Callable[[str], object]) -> Path:
