@@ -189,3 +189,18 @@ def test_torchvision_format_file_is_used_first(tmp_path, monkeypatch):
     loaded = pretrained.vgg16_features()
     assert set(loaded) == {f"features.{i}.{k}" for i in pretrained.VGG16_CONV_INDICES for k in ("weight", "bias")}
     assert all(torch.all(v == 1) for v in loaded.values())
+
+
+def test_trunk_holds_copies_of_the_given_weights_and_refuses_a_wrong_shape():
+    from training.dists import VGG16Trunk
+    from training.losses import random_vgg16_features
+    features = random_vgg16_features(0)
+    trunk = VGG16Trunk(features)
+    convs = [m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(features) // 2 == 13
+    first = convs[0]
+    assert torch.equal(first.weight, features["features.0.weight"]) and not first.weight.requires_grad
+    assert first.weight.data_ptr() != features["features.0.weight"].data_ptr()   # a copy, not the cache
+    wrong = dict(features, **{"features.2.weight": features["features.2.weight"][:, :32]})
+    with pytest.raises(ValueError, match=r"features\.2\.weight has shape \(64, 32, 3, 3\), expected \(64, 64, 3, 3\)"):
+        VGG16Trunk(wrong)
