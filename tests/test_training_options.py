@@ -92,7 +92,8 @@ F64_RTOL = 1e-9
 def test_gradient_accumulation_equals_one_large_batch(tmp_path, tiny_setup, float64):
     # Two micro-batches of 1 with loss / 2 each must give the gradients of one batch of 2 whose
     # losses are batch means (MSE, EA-DISTS, the patch-mean GAN terms), in float64 (F64_RTOL).
-    hr = torch.cat([fixed_batch(1, crop=32), fixed_batch(2, crop=32)])
+    # 16 x 32 crops: two discriminator patches (1 x 2 logits) at half the pixels of 32 x 32.
+    hr = torch.cat([fixed_batch(1, crop=32), fixed_batch(2, crop=32)])[..., :16, :]
     one = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32, "batch_size": 2}))
     batch = one.prepare(hr, 0)
     one.update([batch])
@@ -108,7 +109,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, tiny_setup, floa
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_setup, float64):
-    hr = fixed_batch(4, crop=32)
+    hr = fixed_batch(4, crop=32)[..., :16, :]      # 16 x 32: two discriminator patches
     plain = float64(_frozen_trainer(tmp_path, tiny_setup, train={"crop": 32}))
     batch = plain.prepare(hr, 0)
     m_plain = plain.update([batch])
@@ -370,8 +371,10 @@ def test_training_pair_sharpened_targets_plain_real_sample(tmp_path, tiny_setup)
     assert not torch.equal(b["lr_up"], bicubic_upsample(down(hr), (32, 32)))
     # the discriminator's real sample is the plain HR
     with torch.no_grad():
-        assert torch.equal(b["z_h"], trainer.G.encode(hr))
-        assert not torch.allclose(b["z_h"], trainer.G.encode(b["target"]), rtol=0, atol=1e-3)
+        # (prepare encodes the LR and the real sample in one batch: the same batch here)
+        assert torch.equal(b["z_h"], trainer.G.encode(torch.cat([b["lr_up"], hr]))[1:])
+        assert not torch.allclose(b["z_h"], trainer.G.encode(torch.cat([b["lr_up"], b["target"]]))[1:],
+                                  rtol=0, atol=1e-3)
         perceptual = float(trainer.perceptual(x_hat, b["target"]).mean())
     # the losses target the sharpened HR (float32 sums of 3k terms: 1e-5 relative)
     mse_target = float(((x_hat.double() - b["target"].double()) ** 2).mean())

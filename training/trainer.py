@@ -133,9 +133,9 @@ class Trainer:
         target, lr = training_pair(hr, self.degrade, gen, dc.usm_target, dc.usm_weight, dc.usm_threshold,
                                    dc.usm_radius)
         lr_up = bicubic_upsample(lr, tuple(hr.shape[-2:]))
-        with self._autocast():
-            z_l, z_h = self.G.encode(lr_up), self.G.encode(hr)
         b = hr.shape[0]
+        with self._autocast():      # one pass of the VAE's encoder over both
+            z_l, z_h = self.G.encode(torch.cat([lr_up, hr])).split(b)
         lo, hi = self.cfg.train.d_timesteps
         t_real = torch.randint(lo, hi + 1, (b,), generator=gen)
         t_fake = t_real if self.cfg.train.timestep_sharing else torch.randint(lo, hi + 1, (b,), generator=gen)
