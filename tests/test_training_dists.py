@@ -58,8 +58,9 @@ def _reference_dists(monkeypatch) -> torch.nn.Module:
     vgg_state = pretrained.vgg16_features()
 
     def vgg16(**_kwargs):
-        model = torchvision.models.vgg16(weights=None)
-        missing = model.load_state_dict(vgg_state, strict=False)
+        with torch.device("meta"):      # the classifier is never used: no 120 M random draws
+            model = torchvision.models.vgg16(weights=None)
+        missing = model.load_state_dict(vgg_state, strict=False, assign=True)
         assert not missing.unexpected_keys and all(k.startswith("classifier") for k in missing.missing_keys)
         return model
 
@@ -85,11 +86,12 @@ def test_dists_matches_the_reference_package_on_real_pairs(dists_model, real_pai
 
 
 def test_dists_is_batched_consistently(dists_model, real_pairs):
-    outs, gts = real_pairs
+    outs, gts = (x[..., 64:192, 64:192] for x in real_pairs)        # their centre 128 x 128
     with torch.no_grad():
         batched = dists_model(outs[:2], gts[:2])
         single = torch.cat([dists_model(outs[i : i + 1], gts[i : i + 1]) for i in range(2)])
-    # Scores in [0, 1]: batched and single agree to a few float32 steps (measured: identical).
+    # Scores in [0, 1]: batched and single agree to a few float32 steps (measured: identical, at
+    # 96, 128 and 256 px).
     torch.testing.assert_close(batched, single, atol=8 * EPS32, rtol=0)
 
 
