@@ -13,6 +13,7 @@ torchrun test in test_training_gan_processes.py still starts the command from a 
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -27,9 +28,17 @@ from d3sr_core import host
 ROOT = Path(__file__).resolve().parents[1]
 
 # What `python -m training.train` imports for a CPU config before it loads the models (its
-# _run: ComfyUI's device options first, then the loop and everything the loop imports).
+# _run: ComfyUI's device options first, then the loop and everything the loop imports). The
+# objects the imports make live as long as the server: the collector's passes over them while
+# importing are skipped (as in the test workers: conftest.pytest_configure), and they are frozen.
+_collecting = gc.isenabled()
+gc.disable()
 host.import_comfy(cpu=True)
 import training.loop  # noqa: E402,F401  (imported for the server to hold)
+
+gc.freeze()
+if _collecting:
+    gc.enable()
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload([__name__])
