@@ -149,34 +149,8 @@ def _float_field(path: str, meta: dict[str, str], key: str) -> float:
 
 def read_weights(path: str) -> D3SRWeights:
     """Read and validate a D3SR weight file; raise WeightFileError naming the problem."""
-    if not os.path.isfile(path):
-        raise _fail(path, "file not found", "Put the file in ComfyUI/models/d3sr/ and refresh.")
-    if path.lower().endswith(PICKLE_EXTENSIONS):
-        raise _fail(path, "is a pickle file, not a D3SR .safetensors file",
-                    "OSEDiff's osediff.pkl loads in the 'Load OSEDiff Model' node, or convert it "
-                    "with: python -m d3sr_core.osediff convert osediff.pkl osediff.safetensors")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers/sizes
-        raise _fail(path, f"cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
-                    "truncated, corrupt or not a safetensors file",
-                    "Download or export it again; an interrupted download is the usual cause.") from None
-
-    if meta.get("format") != FORMAT:
-        raise _fail(path, f"not a D3SR file (metadata 'format' is {meta.get('format')!r}, expected 'd3sr')",
-                    "Pick a D3SR weight file; plain LoRAs go in the stock LoRA loader, and OSEDiff "
-                    "weights must be converted first.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
-                    f"(this pack reads version {FORMAT_VERSION})", "Update the D3SR node pack.")
-    if meta.get("base_model") != BASE_MODEL:
-        raise _fail(path, f"made for base model {meta.get('base_model')!r}, this pack runs {BASE_MODEL!r}",
-                    "Use a file trained on Stable Diffusion 2.1-base.")
-    if meta.get("prediction") != PREDICTION:
-        raise _fail(path, f"prediction {meta.get('prediction')!r} is not supported (expected 'epsilon')",
-                    "Use a file trained on the epsilon-prediction SD2.1-base model.")
+    meta, tensors = _open_weight_file(path)
+    _check_identity(path, meta)
     timestep = _int_field(path, meta, "timestep", 1, 999)
     rank = _int_field(path, meta, "lora_rank", 1, 4096)
     alpha_meta = _float_field(path, meta, "lora_alpha")
@@ -187,48 +161,10 @@ def read_weights(path: str) -> D3SRWeights:
             training = json.loads(meta["training"])
         except json.JSONDecodeError:
             raise _fail(path, "metadata 'training' is not valid JSON", "Re-export the file.") from None
-
-    not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
-    if not_float:
-        raise _fail(path, f"{len(not_float)} tensor(s) are not floating point (first: {not_float[0]}, "
-                    f"{str(tensors[not_float[0]].dtype).replace('torch.', '')})",
-                    "D3SR files hold float tensors only; re-export the file with the D3SR trainer or converter.")
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf values (first: {bad[0]})",
-                    "The training run diverged or the file is damaged; use an earlier checkpoint.")
-
-    emb = tensors.pop(EMBEDDING_KEY, None)
-    if emb is None:
-        raise _fail(path, f"tensor '{EMBEDDING_KEY}' is missing", "Re-export the file with the D3SR trainer.")
-    if tuple(emb.shape) != EMBEDDING_SHAPE:
-        raise _fail(path, f"text embedding has shape {list(emb.shape)}, expected {list(EMBEDDING_SHAPE)} "
-                    "(SD2.1's 77 tokens x 1024 channels)",
-                    "The file was made for another base model; use one made for SD2.1-base.")
-
-    extensions = [e for e in meta.get("extensions", "").split(",") if e]
-    unknown = [e for e in extensions if e not in KNOWN_EXTENSIONS]
-    if unknown:
-        raise _fail(path, f"uses format extension(s) {', '.join(unknown)} this pack does not know",
-                    "Update the D3SR node pack.")
-    kind = meta.get("text_embedding", "fixed")
-    if kind not in EMBEDDING_KINDS:
-        raise _fail(path, f"metadata 'text_embedding' is {kind!r}, expected one of "
-                    f"{', '.join(EMBEDDING_KINDS)}", "Re-export the file.")
-    upsampler = meta.get("upsampler", UPSAMPLERS[0])
-    if upsampler not in UPSAMPLERS:
-        raise _fail(path, f"metadata 'upsampler' is {upsampler!r}, expected one of {', '.join(UPSAMPLERS)}",
-                    "Re-export the file, or update the D3SR node pack if it is newer.")
-    full = {}
-    if EXT_FULL_WEIGHTS in extensions:
-        full = {k[len(FULL_WEIGHT_PREFIX):]: tensors.pop(k) for k in list(tensors)
-                if k.startswith(FULL_WEIGHT_PREFIX)}
-        bad_full = [k for k in full if not k.startswith(LORA_PREFIX)]
-        if not full or bad_full:
-            raise _fail(path, "extension 'full_weights' needs tensors named "
-                        f"'{FULL_WEIGHT_PREFIX}{LORA_PREFIX}<parameter>' "
-                        f"({'none found' if not full else 'got ' + FULL_WEIGHT_PREFIX + bad_full[0]})",
-                        "Re-export the file.")
+    _check_tensor_values(path, tensors)
+    emb = _pop_text_embedding(path, tensors)
+    extensions, kind, upsampler = _options(path, meta)
+    full = _pop_full_weights(path, tensors) if EXT_FULL_WEIGHTS in extensions else {}
     vae_lora, vae_rank, vae_alpha = {}, 0, 0.0
     if EXT_VAE_LORA in extensions:
         vae_rank = _int_field(path, meta, "vae_lora_rank", 1, 4096)
@@ -244,6 +180,96 @@ def read_weights(path: str) -> D3SRWeights:
                        vae_lora=vae_lora, vae_lora_rank=vae_rank, vae_lora_alpha=vae_alpha,
                        full_weights=full, text_embedding_kind=kind, prompt=meta.get("prompt", ""),
                        upsampler=upsampler)
+
+
+def _open_weight_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a .safetensors file; a missing, pickle or unreadable file fails."""
+    if not os.path.isfile(path):
+        raise _fail(path, "file not found", "Put the file in ComfyUI/models/d3sr/ and refresh.")
+    if path.lower().endswith(PICKLE_EXTENSIONS):
+        raise _fail(path, "is a pickle file, not a D3SR .safetensors file",
+                    "OSEDiff's osediff.pkl loads in the 'Load OSEDiff Model' node, or convert it "
+                    "with: python -m d3sr_core.osediff convert osediff.pkl osediff.safetensors")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+        raise _fail(path, f"cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                    "truncated, corrupt or not a safetensors file",
+                    "Download or export it again; an interrupted download is the usual cause.") from None
+
+
+def _check_identity(path: str, meta: dict[str, str]) -> None:
+    """The metadata says: a D3SR file, of a version this pack reads, for SD2.1-base epsilon."""
+    if meta.get("format") != FORMAT:
+        raise _fail(path, f"not a D3SR file (metadata 'format' is {meta.get('format')!r}, expected 'd3sr')",
+                    "Pick a D3SR weight file; plain LoRAs go in the stock LoRA loader, and OSEDiff "
+                    "weights must be converted first.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
+                    f"(this pack reads version {FORMAT_VERSION})", "Update the D3SR node pack.")
+    if meta.get("base_model") != BASE_MODEL:
+        raise _fail(path, f"made for base model {meta.get('base_model')!r}, this pack runs {BASE_MODEL!r}",
+                    "Use a file trained on Stable Diffusion 2.1-base.")
+    if meta.get("prediction") != PREDICTION:
+        raise _fail(path, f"prediction {meta.get('prediction')!r} is not supported (expected 'epsilon')",
+                    "Use a file trained on the epsilon-prediction SD2.1-base model.")
+
+
+def _check_tensor_values(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor is floating point and finite."""
+    not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise _fail(path, f"{len(not_float)} tensor(s) are not floating point (first: {not_float[0]}, "
+                    f"{str(tensors[not_float[0]].dtype).replace('torch.', '')})",
+                    "D3SR files hold float tensors only; re-export the file with the D3SR trainer or converter.")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise _fail(path, f"{len(bad)} tensor(s) hold NaN or Inf values (first: {bad[0]})",
+                    "The training run diverged or the file is damaged; use an earlier checkpoint.")
+
+
+def _pop_text_embedding(path: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (1, 77, 1024) text embedding, taken out of `tensors`."""
+    emb = tensors.pop(EMBEDDING_KEY, None)
+    if emb is None:
+        raise _fail(path, f"tensor '{EMBEDDING_KEY}' is missing", "Re-export the file with the D3SR trainer.")
+    if tuple(emb.shape) != EMBEDDING_SHAPE:
+        raise _fail(path, f"text embedding has shape {list(emb.shape)}, expected {list(EMBEDDING_SHAPE)} "
+                    "(SD2.1's 77 tokens x 1024 channels)",
+                    "The file was made for another base model; use one made for SD2.1-base.")
+    return emb
+
+
+def _options(path: str, meta: dict[str, str]) -> tuple[list[str], str, str]:
+    """(format extensions, text-embedding kind, upsampler), each one this pack knows."""
+    extensions = [e for e in meta.get("extensions", "").split(",") if e]
+    unknown = [e for e in extensions if e not in KNOWN_EXTENSIONS]
+    if unknown:
+        raise _fail(path, f"uses format extension(s) {', '.join(unknown)} this pack does not know",
+                    "Update the D3SR node pack.")
+    kind = meta.get("text_embedding", "fixed")
+    if kind not in EMBEDDING_KINDS:
+        raise _fail(path, f"metadata 'text_embedding' is {kind!r}, expected one of "
+                    f"{', '.join(EMBEDDING_KINDS)}", "Re-export the file.")
+    upsampler = meta.get("upsampler", UPSAMPLERS[0])
+    if upsampler not in UPSAMPLERS:
+        raise _fail(path, f"metadata 'upsampler' is {upsampler!r}, expected one of {', '.join(UPSAMPLERS)}",
+                    "Re-export the file, or update the D3SR node pack if it is newer.")
+    return extensions, kind, upsampler
+
+
+def _pop_full_weights(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The 'full_weights' extension's tensors, taken out of `tensors`, keyed by UNet parameter."""
+    full = {k[len(FULL_WEIGHT_PREFIX):]: tensors.pop(k) for k in list(tensors)
+            if k.startswith(FULL_WEIGHT_PREFIX)}
+    bad_full = [k for k in full if not k.startswith(LORA_PREFIX)]
+    if not full or bad_full:
+        raise _fail(path, "extension 'full_weights' needs tensors named "
+                    f"'{FULL_WEIGHT_PREFIX}{LORA_PREFIX}<parameter>' "
+                    f"({'none found' if not full else 'got ' + FULL_WEIGHT_PREFIX + bad_full[0]})",
+                    "Re-export the file.")
+    return full
 
 
 _KNOWN_META = {"format", "format_version", "timestep", "base_model", "prediction", "scale",
