@@ -18,6 +18,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from d3sr_core import comfy_internals
@@ -39,7 +41,6 @@ def _read_tensors(path: str, keys_wanted) -> dict[str, torch.Tensor]:
     """The tensors of checkpoint `path` whose names pass `keys_wanted` (safetensors: only those
     are read)."""
     if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keys_wanted(k)}
     import comfy.utils
@@ -79,7 +80,6 @@ def sdxl_empty_conditioning(path: str, cache_file: str | None = None) -> tuple[t
     (safetensors 'context'/'pooled') if given, else SDXL's two text encoders in `path` (loaded
     once, then freed), else zeros with a warning (checkpoints without text encoders)."""
     if cache_file:
-        from safetensors.torch import load_file
         data = load_file(cache_file)
         ctx, pooled = data["context"].float(), data["pooled"].float()
         if tuple(ctx.shape) != CONTEXT_SHAPE or tuple(pooled.shape) != POOLED_SHAPE:

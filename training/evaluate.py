@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from . import iqa_noref, pretrained
 from .dists import DISTS
 from .lpips_alex import LPIPSAlex
 from .niqe import BLOCK as NIQE_BLOCK
+from .niqe import NIQE
 from .pixel_metrics import SSIM_WINDOW, crop_border, psnr_y, ssim_y
 
 __all__ = ["IMAGE_EXTENSIONS", "EvaluationResult", "evaluate_folders", "load_image", "main", "pair_files"]
@@ -117,12 +118,8 @@ def check_sizes(pairs: list[tuple[Path, Path]], crop: int, with_niqe: bool) -> N
                              "larger images")
 
 
-def _niqe_or_reason():
-    """A NIQE callable, or (None, why it is unavailable)."""
-    try:
-        from .niqe import NIQE
-    except ImportError as err:  # pragma: no cover - module always present in this repo
-        return None, str(err)
+def _niqe_or_reason() -> tuple[NIQE | None, str]:
+    """(NIQE, "") or (None, why its pretrained statistics are unavailable)."""
     try:
         return NIQE(), ""
     except pretrained.WeightsUnavailable as err:
@@ -149,32 +146,18 @@ def evaluate_folders(
     pairs = pair_files(outputs, gt)[:limit]
     metrics = ["psnr", "ssim", "lpips", "dists"]
     not_computed = dict(NOT_COMPUTED)
-    niqe = None
-    if with_niqe:
-        niqe, reason = _niqe_or_reason()
-        if niqe is None:
-            not_computed["NIQE"] = reason
-        else:
-            metrics.append("niqe")
+    niqe, reason = _niqe_or_reason() if with_niqe else (None, "disabled with --no-niqe")
+    if niqe is None:
+        not_computed["NIQE"] = reason
     else:
-        not_computed["NIQE"] = "disabled with --no-niqe"
+        metrics.append("niqe")
     check_sizes(pairs, crop, niqe is not None)
     dev = torch.device(device)
-    unused = sorted(set(iqa_weights or {}) - set(no_reference))
-    if unused:
-        raise ValueError(f"--iqa-weights names {', '.join(unused)}, which --no-reference does not ask for; "
-                         "add it there or drop the weights")
-    noref = {}
-    for name in iqa_noref.NOREF_METRICS:
-        if name not in no_reference:
-            continue
-        scorer, reason = iqa_noref.build_metric(name, (iqa_weights or {}).get(name), dev)
-        if scorer is None:
-            not_computed[name.upper()] = reason
-        else:
-            del not_computed[name.upper()]
-            noref[name] = scorer
-            metrics.append(name)
+    noref, reasons = _no_reference_scorers(no_reference, iqa_weights or {}, dev)
+    not_computed.update(reasons)
+    for name in noref:
+        del not_computed[name.upper()]
+    metrics += list(noref)
     lpips = LPIPSAlex().to(dev).eval()
     dists = DISTS().to(dev).eval()
     result = EvaluationResult(metrics=metrics, not_computed=not_computed)
@@ -197,6 +180,25 @@ def evaluate_folders(
                 row[name] = scorer(out)
         result.rows.append(row)
     return result
+
+
+def _no_reference_scorers(no_reference: Sequence[str], iqa_weights: Mapping[str, Path],
+                          dev: torch.device) -> tuple[dict[str, Callable], dict[str, str]]:
+    """(name -> scorer, in NOREF_METRICS' order, for the asked metrics that can run;
+    NAME -> why not, for those that cannot). Weights for a metric not asked for are an error."""
+    unused = sorted(set(iqa_weights) - set(no_reference))
+    if unused:
+        raise ValueError(f"--iqa-weights names {', '.join(unused)}, which --no-reference does not ask for; "
+                         "add it there or drop the weights")
+    scorers, reasons = {}, {}
+    for name in iqa_noref.NOREF_METRICS:
+        if name in no_reference:
+            scorer, reason = iqa_noref.build_metric(name, iqa_weights.get(name), dev)
+            if scorer is None:
+                reasons[name.upper()] = reason
+            else:
+                scorers[name] = scorer
+    return scorers, reasons
 
 
 def format_table(result: EvaluationResult, per_image: bool = True) -> str:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,7 +55,6 @@ def empty_prompt_embedding(clip, cache_file: str | None = None) -> torch.Tensor:
     on "", else zeros with a warning (checkpoints without a text encoder, e.g. the generated
     test models)."""
     if cache_file:
-        from safetensors.torch import load_file
         emb = load_file(cache_file)["text_embedding"].float()
         if tuple(emb.shape) != EMBEDDING_SHAPE:
             raise ModelFileError(f"embedding file '{cache_file}' holds shape {list(emb.shape)}, "

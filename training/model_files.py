@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 
 from d3sr_core import comfy_internals
 from d3sr_core.architectures import FAMILY_BY_CONTEXT, SDXL_ADM_CHANNELS
@@ -26,7 +27,6 @@ class ModelFileError(ValueError):
 def _shapes_only(path: str) -> dict[str, torch.Tensor]:
     """{name: meta tensor with the stored shape/dtype} without reading any weights."""
     if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
         out = {}
         with safe_open(path, framework="pt", device="cpu") as f:
             for k in f.keys():
