@@ -228,6 +228,7 @@ def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path, tiny_setup, capsy
 @pytest.mark.parametrize("case", ["missing_generator", "sdxl_as_generator", "sd2_as_discriminator",
                                   "v_prediction_generator", "empty_folder", "small_images", "bad_timestep",
                                   "indivisible_batch", "eval_without_ground_truth", "eval_wrong_scale",
+                                  "eval_unreadable_image",
                                   "output_dir_is_a_file", "output_dir_not_writable", "output_dir_in_use",
                                   "resume_from_exported_weights", "resume_from_a_checkpoint_that_runs_code"])
 def test_bad_inputs_fail_before_training(tmp_path, tiny_setup, case, capsys, monkeypatch):
@@ -247,6 +248,7 @@ def test_bad_inputs_fail_before_training(tmp_path, tiny_setup, case, capsys, mon
         "indivisible_batch": "must be divisible by optim.grad_accum",
         "eval_without_ground_truth": "have no ground truth of the same name in",
         "eval_wrong_scale": "LR 10x10 x4 is not the ground truth's 20x20",
+        "eval_unreadable_image": "cannot read image",
         "output_dir_is_a_file": "is a file, not a folder",
         "output_dir_not_writable": "is not writable (Not a directory)",
         "output_dir_in_use": "is in use by another training run (pid ",
@@ -285,6 +287,8 @@ def test_bad_inputs_fail_before_training(tmp_path, tiny_setup, case, capsys, mon
         Image.new("RGB", (40, 40) if case == "eval_without_ground_truth" else (20, 20)).save(tmp_path / "gt" / "a.png")
         if case == "eval_without_ground_truth":
             Image.new("RGB", (10, 10)).save(tmp_path / "lr" / "b.png")
+        if case == "eval_unreadable_image":
+            (tmp_path / "gt" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         extra["log"] = {"eval_lr_folder": str(tmp_path / "lr"), "eval_gt_folder": str(tmp_path / "gt")}
     elif case == "output_dir_is_a_file":
         out.write_text("not a folder")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image
-
-from d3sr_core.image_io import save_png_atomic
+from d3sr_core.image_io import ImageReadError, image_size, save_png_atomic
 
 from .config import Config, ConfigError
 from .dists import DISTS
@@ -27,10 +25,14 @@ def check_eval_set(cfg: Config) -> None:
         raise ConfigError(f"evaluation set (log.eval_lr_folder, log.eval_gt_folder): {e}") from None
     scale = cfg.train.scale
     for lr_path, gt_path in pairs:
-        with Image.open(lr_path) as a, Image.open(gt_path) as b:
-            if (round(a.width * scale), round(a.height * scale)) != b.size:
-                raise ConfigError(f"evaluation pair '{lr_path.stem}': LR {a.width}x{a.height} x{scale} is "
-                                  f"not the ground truth's {b.width}x{b.height}")
+        try:
+            (lw, lh), (gw, gh) = image_size(lr_path), image_size(gt_path)
+        except ImageReadError as e:
+            raise ConfigError(f"evaluation set (log.eval_lr_folder, log.eval_gt_folder): {e}; "
+                              "replace or remove the file") from None
+        if (round(lw * scale), round(lh * scale)) != (gw, gh):
+            raise ConfigError(f"evaluation pair '{lr_path.stem}': LR {lw}x{lh} x{scale} is "
+                              f"not the ground truth's {gw}x{gh}")
     try:
         LPIPSAlex(), DISTS()
     except Exception as e:
