@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -44,13 +45,25 @@ def import_comfy(cpu: bool | None = None) -> str:
     return root
 
 
+def one_write_per_line() -> None:
+    """Make every line printed to stdout and stderr leave in one write(2). torchrun starts its
+    ranks with `python -u`, where print() writes the text and its newline separately, so ranks
+    sharing a pipe could mix their lines ("[rank 0] wrote a.png[rank 1] wrote b.png" and two
+    newlines). Line buffering without write-through keeps each line whole."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def run_main(main: Callable[[], int]) -> NoReturn:
-    """`sys.exit(main())` for the command-line entry points, without Python's last garbage
-    collections: with torch and ComfyUI imported, the interpreter's shutdown walks every object
-    they made. gc.freeze() leaves them to the OS, which frees the whole process anyway: exit
-    1.04 -> 0.25 s per process (benchmarks/bench_exit.py, results/exit_cpu.md). atexit handlers
-    (logging's flush) and the standard streams' flush still run; only finalizers of objects
-    caught in reference cycles are skipped, which Python does not promise at exit either."""
+    """`sys.exit(main())` for the command-line entry points, each line of output in one write
+    (one_write_per_line) and without Python's last garbage collections: with torch and ComfyUI
+    imported, the interpreter's shutdown walks every object they made. gc.freeze() leaves them to
+    the OS, which frees the whole process anyway: exit 1.04 -> 0.25 s per process
+    (benchmarks/bench_exit.py, results/exit_cpu.md). atexit handlers (logging's flush) and the
+    standard streams' flush still run; only finalizers of objects caught in reference cycles are
+    skipped, which Python does not promise at exit either."""
+    one_write_per_line()
     code = main()
     gc.freeze()
     sys.exit(code)

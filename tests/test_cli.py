@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,35 @@ def test_run_main_exits_with_mains_status_after_atexit_and_flushed_output():
             "host.run_main(lambda: print('torch' in sys.modules, end=' ') or 3)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and r.stdout == "False atexit ran\n", (r.returncode, r.stdout, r.stderr)
+
+
+def test_ranks_sharing_a_pipe_never_mix_their_lines():
+    # torchrun runs its ranks with `python -u`, where print() writes a line's text and its newline
+    # in two writes: two ranks on one pipe then mixed lines ("...a.png[rank 1] wrote ..."). Under
+    # run_main each line is one write. Two -u processes (no torch) print 3000 lines each at once.
+    code = ("import sys; from d3sr_core import host\n"
+            "def main():\n"
+            "    print(sys.stdout.write_through, sys.stdout.line_buffering, sys.stderr.write_through)\n"
+            "    sys.stdin.readline()\n"
+            "    for i in range(3000):\n"
+            "        print(f'[rank {sys.argv[1]}] wrote image {i}.png')\n"
+            "    return 0\n"
+            "host.run_main(main)\n")
+    read_end, write_end = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-u", "-c", code, str(rank)], cwd=ROOT, stdout=write_end,
+                              stdin=subprocess.PIPE) for rank in (0, 1)]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        first = [pipe.readline(), pipe.readline()]     # both started: let them print together
+        for proc in procs:
+            proc.stdin.close()
+        lines = pipe.read().decode().split("\n")
+    assert [proc.wait(60) for proc in procs] == [0, 0]
+    assert first == [b"False True False\n"] * 2        # line-buffered, not written through
+    assert lines.pop() == ""
+    assert len(lines) == 6000
+    mixed = [line for line in lines if not re.fullmatch(r"\[rank [01]\] wrote image \d+\.png", line)]
+    assert not mixed, mixed[:3]
 
 
 def test_nan_output_and_bad_weights_are_errors_not_black_pngs(models_dir, tmp_path):
