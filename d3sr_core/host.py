@@ -46,7 +46,8 @@ def import_comfy(cpu: bool | None = None) -> str:
 
 
 def one_write_per_line() -> None:
-    """Make every line printed to stdout and stderr leave in one write(2). torchrun starts its
+    """Make every line printed to stdout and stderr (up to the 8 KiB buffer) leave in one write(2):
+    for pipes, writes of up to 4 KiB (PIPE_BUF) are never interleaved. torchrun starts its
     ranks with `python -u`, where print() writes the text and its newline separately, so ranks
     sharing a pipe could mix their lines ("[rank 0] wrote a.png[rank 1] wrote b.png" and two
     newlines). Line buffering without write-through keeps each line whole."""
